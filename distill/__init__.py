@@ -1,0 +1,1 @@
+"""Diffusion math, teacher training, progressive distillation, bundles and sampling engines."""

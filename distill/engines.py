@@ -1,0 +1,108 @@
+"""Engines run a whole N-step sampler on a batch (docs/ARCHITECTURE.md, interface 3).
+
+`images = engine.run(model, steps, noise, labels)`: noise [B, C, H, W] float32 (draw it with
+`noise_for_seeds` so each request's image is independent of its batch), labels [B] int64
+(K = no label). Returns float32 images in [-1, 1] on the CPU. The server and the benchmark
+only ever talk to an Engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+
+import torch
+
+from .bundle import Bundle
+from .sampling import ddim_sample
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class EngineError(ValueError):
+    """A backend that cannot run here, or a request it cannot serve."""
+
+
+class Engine(ABC):
+    """Runs the deterministic DDIM sampler of one bundle's teacher or students."""
+
+    name: str = "engine"
+
+    def __init__(self, bundle: Bundle, buckets: tuple[int, ...] | None = None) -> None:
+        self.bundle = bundle
+        self.buckets = tuple(sorted(buckets)) if buckets else None
+        self.lock = threading.Lock()  # one batch at a time per engine
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.buckets[-1] if self.buckets else None
+
+    def bucket_for(self, n: int) -> int:
+        """The smallest bucket that holds n images (n itself when the engine has no buckets)."""
+        if self.buckets is None:
+            return n
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise EngineError(f"batch of {n} exceeds the largest bucket {self.buckets[-1]}")
+
+    def check_inputs(self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor):
+        self.bundle.check_steps(model, steps)
+        shape = tuple(self.bundle.image_shape)
+        if noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
+            raise EngineError(f"noise must be [B, {', '.join(map(str, shape))}], got {tuple(noise.shape)}")
+        if labels.shape != (noise.shape[0],):
+            raise EngineError(f"labels must be [B={noise.shape[0]}], got {tuple(labels.shape)}")
+        k = self.bundle.num_labels
+        if labels.numel() and (labels.min() < 0 or labels.max() > k):
+            raise EngineError(f"labels must be in 0..{k} ({k} = unconditional)")
+
+    def run(self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Pad to a bucket, sample, and return exactly B images."""
+        self.check_inputs(model, steps, noise, labels)
+        n = noise.shape[0]
+        padded = self.bucket_for(n)
+        if padded > n:  # padding rows never influence real rows: the network is per-example
+            noise = torch.cat([noise, noise[:1].expand(padded - n, *noise.shape[1:])])
+            labels = torch.cat([labels, labels[:1].expand(padded - n)])
+        with self.lock:
+            images = self._run(model, steps, noise, labels.to(torch.int64))
+        if images.shape[0] != padded:
+            raise EngineError(f"{self.name} returned {images.shape[0]} images for {padded} inputs")
+        return images[:n]
+
+    @abstractmethod
+    def _run(self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sample a bucket-sized batch; float32 CPU images in [-1, 1]."""
+
+    def warmup(self, keys: list[tuple[str, int]] | None = None) -> dict:
+        """Run every (model, steps) once per bucket; returns the time it took."""
+        keys = keys if keys is not None else self.default_keys()
+        started = time.perf_counter()
+        shape = self.bundle.image_shape
+        for model, steps in keys:
+            for b in self.buckets or (1,):
+                self.run(model, steps, torch.zeros(b, *shape), torch.zeros(b, dtype=torch.int64))
+        return {"warmup_s": round(time.perf_counter() - started, 3), "keys": len(keys)}
+
+    def default_keys(self) -> list[tuple[str, int]]:
+        return [("student", s) for s in self.bundle.student_steps]
+
+
+class TorchEngine(Engine):
+    """Eager PyTorch on CPU or GPU: the reference every other engine is checked against."""
+
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu",
+                 buckets: tuple[int, ...] | None = None) -> None:
+        super().__init__(bundle, buckets)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device cuda requested but no CUDA GPU is available")
+
+    def _run(self, model, steps, noise, labels):
+        den = self.bundle.denoiser(model, steps if model == "student" else None).to(self.device)
+        images = ddim_sample(den, noise.to(self.device), labels.to(self.device), steps, den.schedule)
+        return images.float().cpu()

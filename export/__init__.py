@@ -1,0 +1,1 @@
+"""Compile N-step students to ONNX and TensorRT, and the engines that run them."""

@@ -1,0 +1,174 @@
+"""The `halfstep` command: a thin dispatcher; the library does the work.
+
+Each subcommand registers its arguments here and calls one library function. Expected
+failures (bad input, missing files) print one line `halfstep: error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from halfstep import __version__
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a teacher diffusion model")
+    p.add_argument("--data", required=True, help="mnist:DIR | folder:DIR | synthetic[:N]")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, config, samples)")
+    p.add_argument("--preset", default="tiny", help="tiny | mnist")
+    p.add_argument("--parameterization", default=None, help="v (default) | x | eps | both")
+    p.add_argument("--weighting", default=None, help="snr_trunc (default) | snr_plus_one | snr")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from halfstep.distill.data import absolute_spec, load_dataset
+    from halfstep.distill.train import TrainConfig, init_distributed_from_env, train
+
+    init_distributed_from_env()
+    dataset = load_dataset(args.data)
+    cfg = TrainConfig.from_preset(
+        args.preset, absolute_spec(args.data), args.out, dataset.image_shape, dataset.num_labels,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, weighting=args.weighting,
+    )
+    if args.parameterization:
+        cfg.model.parameterization = args.parameterization
+        cfg.model.__post_init__()
+    del dataset
+    out = train(cfg, resume=args.resume)
+    print(f"teacher written to {out}")
+    return 0
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="progressive distillation: teacher run -> bundle")
+    p.add_argument("--teacher", required=True, help="training run directory")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--from-steps", type=int, default=256)
+    p.add_argument("--to-steps", type=int, default=1)
+    p.add_argument("--iters-per-round", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--data", default=None, help="defaults to the teacher's training data")
+    p.add_argument("--name", default=None, help="bundle name (default: the directory name)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue after the last finished round")
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args) -> int:
+    from halfstep.distill.data import absolute_spec
+    from halfstep.distill.progressive import DistillConfig, distill_run
+
+    cfg = DistillConfig(
+        teacher=args.teacher, out=args.out, from_steps=args.from_steps, to_steps=args.to_steps,
+        iters_per_round=args.iters_per_round, batch_size=args.batch_size, lr=args.lr,
+        data=absolute_spec(args.data) if args.data else None, name=args.name, seed=args.seed,
+    )
+    distill_run(cfg, resume=args.resume)
+    return 0
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample images from a bundle into a PNG grid")
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded one)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=int, default=None)
+    p.add_argument("--model", choices=("student", "teacher"), default="student")
+    p.add_argument("--sampler", choices=("ddim", "ancestral"), default="ddim")
+    p.add_argument("--backend", default="torch", help="torch | cudagraph | onnxruntime | tensorrt")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.set_defaults(func=cmd_sample)
+
+
+def load_bundle(path: str | None):
+    """The bundle at `path`, or the embedded default model when path is None."""
+    from halfstep.distill.bundle import Bundle
+
+    if path is None:
+        from halfstep.server.embedded import default_bundle_path
+
+        path = default_bundle_path()
+    return Bundle(path)
+
+
+def cmd_sample(args) -> int:
+    from halfstep.distill.sample import sample_images, write_grid
+    from halfstep.export.backends import make_engine
+
+    bundle = load_bundle(args.bundle)
+    engine = None if args.sampler == "ancestral" else make_engine(bundle, args.backend)
+    images = sample_images(bundle, args.steps, n=args.n, seed=args.seed, label=args.label,
+                           model=args.model, sampler=args.sampler, engine=engine)
+    print(f"wrote {write_grid(images, args.out)}")
+    return 0
+
+
+# Later stages register their own subcommands: each module has `register(subparsers)`.
+PLUGIN_MODULES = (
+    "halfstep.export.cli",
+    "halfstep.server.cli",
+    "halfstep.distill.eval.cli",
+)
+
+
+def _plugins():
+    import importlib
+
+    for name in PLUGIN_MODULES:
+        try:
+            yield importlib.import_module(name).register
+        except ModuleNotFoundError as exc:
+            if not (exc.name and name.startswith(exc.name)):  # a real missing dependency
+                raise
+
+
+SUBCOMMANDS = [_add_train, _add_distill, _add_sample]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="halfstep", description="Progressive distillation and low-latency serving."
+    )
+    parser.add_argument("--version", action="version", version=f"halfstep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in [*SUBCOMMANDS, *_plugins()]:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("halfstep: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"halfstep: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI app, dynamic batcher, metrics, settings and client."""
