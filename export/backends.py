@@ -23,4 +23,8 @@ def make_engine(bundle: Bundle, backend: str = "auto", buckets: tuple[int, ...] 
     if backend == "torch":
         return TorchEngine(bundle, device=options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"),
                            buckets=buckets)
+    if backend == "cudagraph":
+        from halfstep.distill.cudagraph import CudaGraphEngine  # raises EngineError without CUDA
+
+        return CudaGraphEngine(bundle, buckets=buckets, dtype=options.get("dtype", "float32"))
     raise EngineError(f"backend {backend!r} is not available in this build yet")

@@ -1,0 +1,1 @@
+"""Sample quality: FID, a classifier-feature Frechet distance and label accuracy."""
