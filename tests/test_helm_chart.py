@@ -1,0 +1,335 @@
+"""helm/halfstep rendered by Helm's own Go engine (helm-python-sdk), linted, and every built-in
+object validated against the Kubernetes OpenAPI schemas (kubernetes-validate). CRD objects
+(ServiceMonitor, ScaledObject) are not in those schemas: their structure is checked here against
+the required fields of their CRDs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+helm = pytest.importorskip("helm_python", reason="needs helm-python-sdk (the dev extra)")
+kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (the dev extra)")
+yaml = pytest.importorskip("yaml", reason="needs pyyaml (the dev extra)")
+jsonschema = pytest.importorskip("jsonschema", reason="comes with kubernetes-validate")
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "halfstep"
+K8S_VERSION = kv.latest_version()
+RELEASE, NAMESPACE, FULLNAME = "demo", "ml", "demo-halfstep"
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "gpu_off": {"gpu": {"enabled": False}},
+    "hpa_queue_depth": {"autoscaling": {"enabled": True}},
+    "hpa_cpu": {"autoscaling": {"enabled": True, "metric": "cpu"}},
+    "keda": {"keda": {"enabled": True}},
+    "service_monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "pvc_model": {"model": {"source": "pvc", "pvc": {"claimName": "bundles"},
+                            "bundlePath": "mnist-v2"}},
+    "image_model": {"model": {"source": "image",
+                              "image": {"repository": "registry.example.com/mnist", "tag": "7"}}},
+    "api_key_value": {"server": {"apiKey": {"value": "s3cret"}}},
+    "min_available": {"replicaCount": 3, "podDisruptionBudget": {"minAvailable": "50%"}},
+}
+
+# Required structure from the CRDs (keda.sh ScaledObject v1alpha1; monitoring.coreos.com
+# ServiceMonitor v1). KEDA trigger metadata is map[string]string: a number there is refused.
+_DURATION = r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+_TARGET = {"type": "object", "required": ["name"],
+           "properties": {"name": {"type": "string"}, "kind": {"type": "string"}}}
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object", "required": ["metadata", "spec"], "properties": {
+            "metadata": _META,
+            "spec": {"type": "object", "required": ["scaleTargetRef", "triggers"],
+                     "additionalProperties": False, "properties": {
+                "scaleTargetRef": _TARGET,
+                "minReplicaCount": {"type": "integer"}, "maxReplicaCount": {"type": "integer"},
+                "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
+                "triggers": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["type", "metadata"], "properties": {
+                        "type": {"type": "string"},
+                        "metadata": {"type": "object",
+                                     "additionalProperties": {"type": "string"}}}}}}}}},
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object", "required": ["metadata", "spec"], "properties": {
+            "metadata": _META,
+            "spec": {"type": "object", "required": ["selector", "endpoints"], "properties": {
+                "selector": {"type": "object"},
+                "namespaceSelector": {"type": "object"},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "port": {"type": "string"}, "path": {"type": "string"},
+                        "interval": {"type": "string", "pattern": _DURATION},
+                        "scrapeTimeout": {"type": "string", "pattern": _DURATION}}}}}}}},
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    docs = []
+    for path, text in out.items():
+        if path.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {name: render(values) for name, values in VALUE_SETS.items()}
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {[d['kind'] for d in docs]}"
+    return found[0]
+
+
+def server(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in server(docs)["env"]}
+
+
+def test_kubernetes_schemas_are_current() -> None:
+    assert tuple(int(p) for p in K8S_VERSION.split(".")[:2]) >= (1, 30)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_lint_is_clean(name: str) -> None:
+    report = helm.lint(CHART, VALUE_SETS[name], strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    # Severity 1 is INFO (for example "icon is recommended"); warnings and errors fail.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_object_validates(rendered, name: str) -> None:
+    docs = rendered[name]
+    assert docs
+    for doc in docs:
+        crd_schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+        if crd_schema is not None:
+            jsonschema.validate(doc, crd_schema)
+        else:  # SchemaNotFoundError here would mean a kind unknown to Kubernetes
+            kv.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_defaults_request_a_gpu_and_tolerate_its_taint(rendered) -> None:
+    docs = rendered["defaults"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert server(docs)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert server(docs)["resources"]["limits"]["memory"] == "4Gi"  # user limits kept
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"]
+    assert server(docs)["image"] == "halfstep:0.1.0"
+    assert {d["kind"] for d in docs} == {"Deployment", "Service", "ServiceAccount",
+                                         "PodDisruptionBudget"}
+
+
+def test_gpu_off_drops_gpu_limit_and_toleration(rendered) -> None:
+    docs = rendered["gpu_off"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in server(docs)["resources"].get("limits", {})
+    assert "tolerations" not in pod
+    assert server(docs)["image"] == "halfstep:0.1.0-cpu"
+
+
+def test_probes(rendered) -> None:
+    c = server(rendered["defaults"])
+    assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # The startup budget must cover engine build and graph capture: minutes, not seconds.
+    s = c["startupProbe"]
+    assert s["periodSeconds"] * s["failureThreshold"] >= 300
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in c["ports"]
+
+
+def test_pod_runs_non_root_with_read_only_root(rendered) -> None:
+    docs = rendered["defaults"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = server(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    # A read-only root needs writable scratch: /tmp and the cache dir are emptyDirs.
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/tmp", env(docs)["XDG_CACHE_HOME"]):
+        assert "emptyDir" in volumes[mounts[path]]
+
+
+def test_every_server_option_maps_to_env() -> None:
+    opts = {"host": "::", "port": 9000, "backend": "onnxruntime", "maxBatch": 32,
+            "maxWaitMs": 2.5, "maxQueue": 1000, "timeoutS": 12, "drainS": 45}
+    docs = render({"server": opts, "gpu": {"enabled": False}})
+    e = env(docs)
+    assert {k: v for k, v in e.items() if k.startswith("HALFSTEP_")} == {
+        "HALFSTEP_HOST": "::", "HALFSTEP_PORT": "9000", "HALFSTEP_BACKEND": "onnxruntime",
+        "HALFSTEP_MAX_BATCH": "32", "HALFSTEP_MAX_WAIT_MS": "2.5", "HALFSTEP_MAX_QUEUE": "1000",
+        "HALFSTEP_TIMEOUT_S": "12", "HALFSTEP_DRAIN_S": "45"}
+    assert server(docs)["ports"][0]["containerPort"] == 9000
+    assert "HALFSTEP_BUNDLE" not in e  # the embedded bundle needs none
+
+
+@pytest.mark.parametrize("drain", [0, 20, 100.5])
+def test_termination_grace_exceeds_drain(drain: float) -> None:
+    docs = render({"server": {"drainS": drain}})
+    grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    sleep = int(server(docs)["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert grace > sleep + drain
+
+
+def test_api_key_comes_from_a_secret(rendered) -> None:
+    docs = rendered["api_key_value"]
+    secret = one(docs, "Secret")
+    ref = env(docs)["HALFSTEP_API_KEY"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "api-key"}
+    assert secret["data"]["api-key"] == "czNjcmV0"  # base64("s3cret")
+    existing = render({"server": {"apiKey": {"existingSecret": "auth", "secretKey": "token"}}})
+    assert env(existing)["HALFSTEP_API_KEY"]["secretKeyRef"] == {"name": "auth", "key": "token"}
+    assert not [d for d in existing if d["kind"] == "Secret"]
+    assert "HALFSTEP_API_KEY" not in env(rendered["defaults"])
+
+
+def test_hpa_on_queue_depth_pods_metric(rendered) -> None:
+    docs = rendered["hpa_queue_depth"]
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": FULLNAME}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "halfstep_queue_depth"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "4"}
+    assert "replicas" not in one(docs, "Deployment")["spec"]  # the HPA owns the count
+
+
+def test_hpa_on_cpu(rendered) -> None:
+    (metric,) = one(rendered["hpa_cpu"], "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["averageUtilization"] == 70
+
+
+def test_keda_scaled_object(rendered) -> None:
+    docs = rendered["keda"]
+    so = one(docs, "ScaledObject")
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert so["spec"]["scaleTargetRef"]["name"] == one(docs, "Deployment")["metadata"]["name"]
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    assert query == f'sum(halfstep_queue_depth{{namespace="{NAMESPACE}",service="{FULLNAME}"}})'
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+
+
+def test_service_monitor_scrapes_the_service(rendered) -> None:
+    docs = rendered["service_monitor"]
+    sm, svc = one(docs, "ServiceMonitor"), one(docs, "Service")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    labels = svc["metadata"]["labels"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+
+
+def test_service_selects_the_pods(rendered) -> None:
+    docs = rendered["defaults"]
+    svc, dep = one(docs, "Service"), one(docs, "Deployment")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert svc["spec"]["ports"][0]["targetPort"] in {p["name"] for p in server(docs)["ports"]}
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1,
+                           "selector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}
+    assert one(rendered["min_available"], "PodDisruptionBudget")["spec"]["minAvailable"] == "50%"
+
+
+def test_pvc_model_source(rendered) -> None:
+    docs = rendered["pvc_model"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert env(docs)["HALFSTEP_BUNDLE"] == "/models/mnist-v2"
+    (vol,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert vol["persistentVolumeClaim"] == {"claimName": "bundles", "readOnly": True}
+    (mount,) = [m for m in server(docs)["volumeMounts"] if m["name"] == vol["name"]]
+    assert mount == {"name": vol["name"], "mountPath": "/models", "readOnly": True}
+    assert "initContainers" not in pod
+
+
+def test_image_model_source_copies_with_an_init_container(rendered) -> None:
+    docs = rendered["image_model"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == "registry.example.com/mnist:7"
+    assert init["command"] == ["cp", "-R", "/bundle/.", "/models"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    shared = {m["name"] for m in init["volumeMounts"]} & {
+        m["name"] for m in server(docs)["volumeMounts"]}
+    assert shared and all("emptyDir" in v for v in pod["volumes"] if v["name"] in shared)
+    assert env(docs)["HALFSTEP_BUNDLE"] == "/models"
+
+
+@pytest.mark.parametrize("values, where", [
+    ({"replicaCount": -1}, "/replicaCount"),
+    ({"gpu": {"enabled": "yes"}}, "/gpu/enabled"),
+    ({"gpu": {"enable": True}}, "'enable' not allowed"),
+    ({"server": {"backend": "cuda"}}, "/server/backend"),
+    ({"server": {"port": 70000}}, "/server/port"),
+    ({"server": {"maxBatch": 0}}, "/server/maxBatch"),
+    ({"model": {"source": "s3"}}, "/model/source"),
+    ({"model": {"source": "pvc"}}, "/model/pvc/claimName"),
+    ({"model": {"source": "image"}}, "/model/image"),
+    ({"model": {"bundlePath": "/abs"}}, "/model/bundlePath"),
+    ({"serviceMonitor": {"interval": "15 seconds"}}, "/serviceMonitor/interval"),
+    ({"autoscaling": {"metric": "gpu"}}, "/autoscaling/metric"),
+])
+def test_schema_rejects_wrong_values(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
+        render(values)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "enable one of them"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
+    ({"gpu": {"enabled": False}, "server": {"backend": "tensorrt"}}, "needs a GPU"),
+    ({"podDisruptionBudget": {"maxUnavailable": None}}, "minAvailable or maxUnavailable"),
+])
+def test_contradictory_values_fail_with_a_message(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(values)
+
+
+def _leaf_paths(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        paths.add(path)
+        if isinstance(value, dict) and value:
+            paths |= _leaf_paths(value, path + ".")
+    return paths
+
+
+def test_readme_documents_the_values() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    known = _leaf_paths(values)
+    rows = re.findall(r"^\| (`[^|]+`) \|", (CHART / "README.md").read_text(), re.MULTILINE)
+    documented = {k for row in rows for k in re.findall(r"`([^`]+)`", row)}
+    assert documented - known == set(), "README names values that do not exist"
+    tops = {k.split(".")[0] for k in documented}
+    assert set(values) - tops == set(), "top-level values missing from the README table"
