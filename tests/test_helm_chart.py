@@ -5,6 +5,7 @@ the required fields of their CRDs."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -171,17 +172,39 @@ def test_pod_runs_non_root_with_read_only_root(rendered) -> None:
         assert "emptyDir" in volumes[mounts[path]]
 
 
+SERVER_OPTS = {"host": "::", "port": 9000, "backend": "onnxruntime", "maxBatch": 32,
+               "maxWaitMs": 2.5, "maxQueue": 1000, "timeoutS": 12, "drainS": 45,
+               "maxBodyBytes": 4096}
+
+
 def test_every_server_option_maps_to_env() -> None:
-    opts = {"host": "::", "port": 9000, "backend": "onnxruntime", "maxBatch": 32,
-            "maxWaitMs": 2.5, "maxQueue": 1000, "timeoutS": 12, "drainS": 45}
-    docs = render({"server": opts, "gpu": {"enabled": False}})
+    docs = render({"server": SERVER_OPTS, "gpu": {"enabled": False}})
     e = env(docs)
     assert {k: v for k, v in e.items() if k.startswith("HALFSTEP_")} == {
         "HALFSTEP_HOST": "::", "HALFSTEP_PORT": "9000", "HALFSTEP_BACKEND": "onnxruntime",
         "HALFSTEP_MAX_BATCH": "32", "HALFSTEP_MAX_WAIT_MS": "2.5", "HALFSTEP_MAX_QUEUE": "1000",
-        "HALFSTEP_TIMEOUT_S": "12", "HALFSTEP_DRAIN_S": "45"}
+        "HALFSTEP_TIMEOUT_S": "12", "HALFSTEP_DRAIN_S": "45", "HALFSTEP_MAX_BODY_BYTES": "4096"}
     assert server(docs)["ports"][0]["containerPort"] == 9000
     assert "HALFSTEP_BUNDLE" not in e  # the embedded bundle needs none
+
+
+def test_server_reads_the_env_the_chart_sets() -> None:
+    """The chart's HALFSTEP_* variables, parsed by the server's own settings loader."""
+    settings = pytest.importorskip("halfstep.server.settings", reason="server not written yet")
+    docs = render({"server": SERVER_OPTS, "gpu": {"enabled": False},
+                   "model": {"source": "pvc", "pvc": {"claimName": "b"}}})
+    e = {k: v for k, v in env(docs).items() if k.startswith("HALFSTEP_")}
+    fields = {f.name for f in dataclasses.fields(settings.Settings)}
+    assert {k.removeprefix("HALFSTEP_").lower() for k in e} <= fields
+    s = settings.Settings.from_env(e)
+    assert (s.host, s.port, s.backend, s.max_batch, s.max_wait_ms, s.max_queue, s.timeout_s,
+            s.drain_s, s.max_body_bytes, s.bundle) == ("::", 9000, "onnxruntime", 32, 2.5, 1000,
+                                                       12, 45, 4096, "/models")
+    from halfstep.export.backends import BACKENDS
+
+    with helm.Chart.load(CHART) as chart:
+        schema = chart.schema
+    assert tuple(schema["properties"]["server"]["properties"]["backend"]["enum"]) == BACKENDS
 
 
 @pytest.mark.parametrize("drain", [0, 20, 100.5])
