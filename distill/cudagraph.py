@@ -1,0 +1,222 @@
+"""CudaGraphEngine: the unrolled N-step DDIM loop as one CUDA graph per (model, steps, bucket).
+
+docs/SERVING.md, "CUDA graphs for the whole N-step loop". `ddim_sample` bakes the time grid and
+alpha/sigma in as Python floats and builds each step's t with `torch.full` (a fill kernel whose
+value is a kernel argument), and the UNet forward has no host syncs or data-dependent branches,
+so running it on static buffers under capture records all N steps as one graph. Noise is drawn
+by the caller (`noise_for_seeds`) outside the graph, so an image never depends on its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .bundle import Bundle
+from .engines import DEFAULT_BUCKETS, Engine, EngineError
+from .sampling import ddim_sample, noise_for_seeds
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Reduced precision is accepted only if, on CHECK_SEEDS, every image stays this close to the
+# float32 image (pixels on the [0, 1] scale): PSNR >= MIN_PSNR_DB and max |error| <= MAX_ABS_ERROR.
+MIN_PSNR_DB = 35.0
+MAX_ABS_ERROR = 0.1
+CHECK_SEEDS = tuple(range(8))
+WARMUP_ITERS = 2  # eager runs on the capture stream first, so cuDNN/cuBLAS set up outside capture
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'float16' | 'bfloat16' (or the torch dtype itself) -> torch.dtype."""
+    for name, value in DTYPES.items():
+        if dtype in (name, value):
+            return value
+    raise EngineError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+
+
+def check_buckets(buckets: Iterable[int] | None) -> tuple[int, ...]:
+    """Sorted, distinct, positive integer batch buckets; None gives DEFAULT_BUCKETS."""
+    if buckets is None:
+        return DEFAULT_BUCKETS
+    if isinstance(buckets, (int, str)):
+        raise EngineError(f"buckets must be a sequence of batch sizes, got {buckets!r}")
+    values = tuple(buckets)
+    if not values or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                             for b in values):
+        raise EngineError(f"buckets must be positive integers, e.g. 1,2,4,8; got {values!r}")
+    if len(set(values)) != len(values):
+        raise EngineError(f"buckets must be distinct, got {values!r}")
+    return tuple(sorted(values))
+
+
+def make_sampler(den: torch.nn.Module, dtype: torch.dtype, steps: int,
+                 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(noise, labels) -> images with `ddim_sample`; the network runs in `dtype`.
+
+    z and the DDIM update stay in float32 (rounding errors would otherwise accumulate over the
+    steps); only the denoiser's input is cast down and its x_hat cast back up.
+    """
+    if dtype == torch.float32:
+        denoise = den
+    else:
+        def denoise(z, t, labels):
+            return den(z.to(dtype), t, labels).float()
+    return lambda noise, labels: ddim_sample(denoise, noise, labels, steps, den.schedule)
+
+
+def image_error(images: torch.Tensor, reference: torch.Tensor) -> dict:
+    """PSNR (dB) and max absolute error of images in [-1, 1], measured on the [0, 1] scale."""
+    diff = (images.float() - reference.float()) / 2.0
+    mse = float(diff.pow(2).mean())
+    psnr = math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    return {"psnr_db": round(psnr, 2), "max_abs_error": round(float(diff.abs().max()), 5)}
+
+
+@dataclass
+class _Graph:
+    """One captured sampler: replay reads `noise`/`labels` and writes `out` (static addresses)."""
+
+    graph: torch.cuda.CUDAGraph
+    noise: torch.Tensor
+    labels: torch.Tensor
+    out: torch.Tensor
+
+
+class CudaGraphEngine(Engine):
+    """One CUDA graph per (model, steps, bucket), one shared memory pool, one lock."""
+
+    name = "cudagraph"
+
+    def __init__(self, bundle: Bundle, buckets: tuple[int, ...] | None = None,
+                 dtype: str | torch.dtype = "float32", device: str | torch.device = "cuda",
+                 min_psnr_db: float = MIN_PSNR_DB, max_abs_error: float = MAX_ABS_ERROR) -> None:
+        buckets = check_buckets(buckets)  # arguments first, so their errors show on any machine
+        self.dtype = parse_dtype(dtype)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise EngineError(f"device must be 'cuda' or 'cuda:N', got {device!r}") from None
+        if self.device.type != "cuda":
+            raise EngineError(f"the cudagraph backend runs on CUDA devices only, got {device!r}")
+        if not torch.cuda.is_available():
+            raise EngineError("the cudagraph backend needs a CUDA GPU and none is available; "
+                              "use --backend torch (or auto)")
+        if self.device.index is not None and self.device.index >= torch.cuda.device_count():
+            raise EngineError(f"{device} does not exist: {torch.cuda.device_count()} GPU(s) found")
+        super().__init__(bundle, buckets)
+        self.min_psnr_db, self.max_abs_error = float(min_psnr_db), float(max_abs_error)
+        with torch.cuda.device(self.device):
+            # Captures share one stream and one pool: graphs never replay concurrently (the lock).
+            self._stream = torch.cuda.Stream()
+            self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[tuple[str, int, int], _Graph] = {}
+        self._samplers: dict[tuple[str, int], Callable] = {}
+        self._weights: dict[tuple[str, int], torch.nn.Module] = {}
+        self.precision: dict[str, dict] = {}  # "model/steps" -> error vs float32 (reduced only)
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    @property
+    def captured(self) -> list[tuple[str, int, int]]:
+        """(model, steps, bucket) of every graph captured so far."""
+        return sorted(self._graphs)
+
+    # -- building -----------------------------------------------------------------------
+    def _denoiser(self, model: str, steps: int, dtype: torch.dtype) -> torch.nn.Module:
+        # A private copy: a graph bakes in parameter addresses, so nobody else may move them
+        # (TorchEngine moves the bundle's cached denoiser with .to(device)).
+        den = self.bundle.denoiser(model, steps if model == "student" else None)
+        return copy.deepcopy(den).to(device=self.device, dtype=dtype)
+
+    def _sampler(self, model: str, steps: int) -> Callable:
+        if (model, steps) not in self._samplers:
+            if self.dtype != torch.float32:
+                self._check_precision(model, steps)
+            weights = (model, steps if model == "student" else 0)  # one teacher for all steps
+            if weights not in self._weights:
+                self._weights[weights] = self._denoiser(model, steps, self.dtype)
+            self._samplers[(model, steps)] = make_sampler(self._weights[weights], self.dtype, steps)
+        return self._samplers[(model, steps)]
+
+    def _check_precision(self, model: str, steps: int) -> None:
+        """Refuse a reduced dtype whose images drift past the stated tolerance of float32."""
+        n = len(CHECK_SEEDS)
+        noise = noise_for_seeds(list(CHECK_SEEDS), self.bundle.image_shape, device=self.device)
+        labels = torch.arange(n, device=self.device) % (self.bundle.num_labels + 1)
+        images = {}
+        for dtype in (torch.float32, self.dtype):
+            den = self._denoiser(model, steps, dtype)
+            images[dtype] = make_sampler(den, dtype, steps)(noise, labels)
+            del den
+        err = image_error(images[self.dtype], images[torch.float32])
+        self.precision[f"{model}/{steps}"] = err
+        if err["psnr_db"] < self.min_psnr_db or err["max_abs_error"] > self.max_abs_error:
+            raise EngineError(
+                f"--dtype {self.dtype_name} changes {model} steps={steps} images too much vs "
+                f"float32 (PSNR {err['psnr_db']} dB, max abs pixel error {err['max_abs_error']}; "
+                f"tolerance PSNR >= {self.min_psnr_db} dB, max error <= {self.max_abs_error}); "
+                "use --dtype float32")
+
+    def _capture(self, model: str, steps: int, bucket: int) -> _Graph:
+        """Warm up on the side stream, then capture the unrolled loop into the shared pool."""
+        sampler = self._sampler(model, steps)
+        noise = torch.zeros(bucket, *self.bundle.image_shape, device=self.device)
+        labels = torch.full((bucket,), self.bundle.num_labels, dtype=torch.int64,
+                            device=self.device)
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for _ in range(WARMUP_ITERS):
+                sampler(noise, labels)
+        torch.cuda.current_stream().wait_stream(self._stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (callers preparing inputs, an eager engine) may use the
+        # GPU while this thread captures; the captured region itself makes no unsafe calls.
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
+                              capture_error_mode="thread_local"):
+            out = sampler(noise, labels)
+        self._graphs[(model, steps, bucket)] = _Graph(graph, noise, labels, out)
+        return self._graphs[(model, steps, bucket)]
+
+    # -- running ------------------------------------------------------------------------
+    def _run(self, model, steps, noise, labels):
+        with torch.cuda.device(self.device):
+            g = self._graphs.get((model, steps, noise.shape[0]))
+            if g is None:  # not warmed up: capture just this graph now (under the run lock)
+                g = self._capture(model, steps, noise.shape[0])
+            g.noise.copy_(noise)
+            g.labels.copy_(labels)
+            g.graph.replay()
+            # Copy out before the next replay overwrites the static output; .cpu() syncs.
+            return g.out.float().cpu()
+
+    def warmup(self, keys: list[tuple[str, int]] | None = None) -> dict:
+        """Capture every (model, steps) x bucket up front, largest bucket first (one pool)."""
+        keys = list(keys) if keys is not None else self.default_keys()
+        for model, steps in keys:
+            self.bundle.check_steps(model, steps)
+        started = time.perf_counter()
+        with self.lock, torch.cuda.device(self.device):
+            torch.cuda.synchronize()
+            allocated0, reserved0 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+            for bucket in reversed(self.buckets):
+                for model, steps in keys:
+                    if (model, steps, bucket) not in self._graphs:
+                        self._capture(model, steps, bucket)
+            torch.cuda.synchronize()
+            allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        mib = 2.0**20
+        return {
+            "warmup_s": round(time.perf_counter() - started, 3), "keys": len(keys),
+            "graphs": len(self._graphs), "buckets": list(self.buckets), "dtype": self.dtype_name,
+            "gpu_memory_added_mib": round((allocated - allocated0) / mib, 1),
+            "gpu_memory_reserved_added_mib": round((reserved - reserved0) / mib, 1),
+            "gpu_memory_allocated_mib": round(allocated / mib, 1),
+            "gpu_memory_reserved_mib": round(reserved / mib, 1),
+            "precision_vs_float32": dict(self.precision),
+        }

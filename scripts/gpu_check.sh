@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine (about 8 minutes at most):
+#   scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else /tmp/halfstep-gpu-check)
+# 1. installs the wheels carried in .whl/ that this machine lacks (into /tmp/site, offline),
+# 2. runs the tests marked `gpu` (GPU_TESTS=path overrides which; default: tests),
+# 3. benchmarks eager vs CUDA-graph engines: student steps {1,2,4,8} x batch {1,8,64} and the
+#    teacher at 256 steps, then a short reduced-precision run (informational),
+# 4. writes gpu-tests.{txt,xml}, engine_bench.{json,txt}, env.txt to OUT_DIR; prints the table last.
+# Exit status: 0 when the tests and the float32 benchmark both succeeded.
+set -uo pipefail
+
+OUT_DIR="${1:-${OUT:-/tmp/halfstep-gpu-check}}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SITE=/tmp/site
+SRC=/tmp/halfstep-src  # halfstep.distill lives in distill/ (setup.py package-dir): link a package
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT_DIR" "$SITE"
+cd "$REPO" || exit 1
+started=$(date +%s)
+say() { echo "== gpu_check [$(( $(date +%s) - started ))s] $*"; }
+
+# -- the working tree as the `halfstep` package, ahead of anything installed ------------------
+rm -rf "$SRC" && mkdir -p "$SRC/halfstep"
+for f in "$REPO"/halfstep/*.py; do ln -s "$f" "$SRC/halfstep/"; done
+for pkg in distill export server; do
+  [ -d "$REPO/$pkg" ] && ln -s "$REPO/$pkg" "$SRC/halfstep/$pkg"
+done
+# Run Python from $SRC: `python -m` puts the cwd first on sys.path, and the repo's own
+# halfstep/ (without distill/ inside) would shadow the linked package.
+export PYTHONPATH="$SRC:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+# -- wheels this machine lacks ----------------------------------------------------------------
+missing=()
+for whl in .whl/*.whl; do
+  [ -e "$whl" ] || continue
+  dist="$(basename "$whl" | cut -d- -f1)"
+  if ! "$PY" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$dist" 2>/dev/null
+  then missing+=("$whl"); fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${#missing[@]} wheel(s): $(printf '%s ' "${missing[@]##*/}")"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "${missing[@]}" || say "pip install failed (continuing to see what imports)"
+else
+  say "no wheels to install"
+fi
+
+# -- what the machine has ---------------------------------------------------------------------
+(cd "$SRC" && "$PY" -) <<'EOF' 2>&1 | tee "$OUT_DIR/env.txt"
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "diffusers", "safetensors", "pytest", "onnxruntime", "fastapi"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name} {getattr(mod, '__version__', '?')}")
+    except Exception as exc:  # report every missing piece, not just the first
+        print(f"{name} MISSING ({type(exc).__name__}: {exc})")
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+if ! (cd "$SRC" && "$PY" -c 'import torch, diffusers, safetensors, pytest; assert torch.cuda.is_available()'); then
+  say "cannot run: needs torch with CUDA, diffusers, safetensors and pytest (see env.txt);"
+  say "carry the missing wheels (and their dependencies) in .whl/"
+  exit 3
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
+
+# -- 1. tests marked gpu ------------------------------------------------------------------------
+say "pytest -m gpu ${GPU_TESTS:-tests}"
+# --import-mode=append: pytest must not put the repo root ahead of the linked package.
+(cd "$SRC" && timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --import-mode=append \
+  --continue-on-collection-errors --junitxml="$OUT_DIR/gpu-tests.xml" \
+  "$REPO/${GPU_TESTS:-tests}") 2>&1 | tee "$OUT_DIR/gpu-tests.txt"
+tests_rc=${PIPESTATUS[0]}
+
+# -- 2. benchmark (float32), then a short reduced-precision run --------------------------------
+say "engine benchmark: torch vs cudagraph"
+(cd "$SRC" && timeout 200 "$PY" -m halfstep.distill.engine_bench --backends torch,cudagraph \
+  --steps 1,2,4,8 --batches 1,8,64 --teacher-steps 256 --repeats 10 \
+  --json "$OUT_DIR/engine_bench.json") > "$OUT_DIR/engine_bench.txt" 2>&1
+bench_rc=$?
+say "reduced precision (informational: may be refused by the float32 tolerance check)"
+(cd "$SRC" && timeout 60 "$PY" -m halfstep.distill.engine_bench --backends cudagraph \
+  --dtype float16 --steps 4 --batches 1,64 --teacher-steps 0 --repeats 10 \
+  --json "$OUT_DIR/engine_bench_float16.json") 2>&1 | tee "$OUT_DIR/engine_bench_float16.txt"
+
+say "gpu tests exit ${tests_rc}: $(tail -n 1 "$OUT_DIR/gpu-tests.txt")"
+say "benchmark exit ${bench_rc}; results in $OUT_DIR"
+cat "$OUT_DIR/engine_bench.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
