@@ -1,30 +1,56 @@
 """Build an Engine by backend name: the one place that knows every backend.
 
-`auto` picks the fastest available: cudagraph on CUDA, else ONNX Runtime when the bundle has
-ONNX exports and onnxruntime is installed, else eager torch.
+`auto` picks the fastest available: cudagraph on CUDA, else ONNX Runtime when every student
+of the bundle has an ONNX export and onnxruntime is installed, else eager torch.
 """
 
 from __future__ import annotations
 
-import torch
+import importlib.util
 
+import torch
 from halfstep.distill.bundle import Bundle
 from halfstep.distill.engines import Engine, EngineError, TorchEngine
 
 BACKENDS = ("auto", "torch", "cudagraph", "onnxruntime", "tensorrt")
 
 
+def has_onnx_exports(bundle: Bundle) -> bool:
+    """Every student has an ONNX entry in bundle.json (files are verified when loaded)."""
+    from .manifest import export_entries, missing_students
+
+    return bool(bundle.student_steps) and not missing_students(bundle,
+                                                               export_entries(bundle, "onnx"))
+
+
+def auto_backend(bundle: Bundle) -> str:
+    if torch.cuda.is_available():
+        return "cudagraph"
+    if has_onnx_exports(bundle) and importlib.util.find_spec("onnxruntime") is not None:
+        return "onnxruntime"
+    return "torch"
+
+
 def make_engine(bundle: Bundle, backend: str = "auto", buckets: tuple[int, ...] | None = None,
                 **options) -> Engine:
+    """options: device (torch, onnxruntime), dtype (cudagraph), threads (onnxruntime),
+    fp16 (tensorrt: None prefers fp16 engines when built)."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "cudagraph" if torch.cuda.is_available() else "torch"
+        backend = auto_backend(bundle)
     if backend == "torch":
-        return TorchEngine(bundle, device=options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"),
-                           buckets=buckets)
+        device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        return TorchEngine(bundle, device=device, buckets=buckets)
     if backend == "cudagraph":
         from halfstep.distill.cudagraph import CudaGraphEngine  # raises EngineError without CUDA
 
         return CudaGraphEngine(bundle, buckets=buckets, dtype=options.get("dtype", "float32"))
-    raise EngineError(f"backend {backend!r} is not available in this build yet")
+    if backend == "onnxruntime":
+        from .ort_engine import OrtEngine  # raises EngineError without onnxruntime
+
+        return OrtEngine(bundle, buckets=buckets, device=options.get("device") or "cpu",
+                         threads=options.get("threads"))
+    from .tensorrt import TensorRTEngine  # raises EngineError without tensorrt or a GPU
+
+    return TensorRTEngine(bundle, buckets=buckets, fp16=options.get("fp16"))
