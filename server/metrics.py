@@ -1,0 +1,78 @@
+"""Prometheus metrics (docs/SERVING.md): base units, `_total` counters, prefix `halfstep_`.
+
+One CollectorRegistry per app, so tests can build many apps in one process; one worker
+process per GPU means multiprocess mode is not needed. No per-request labels (seed, id).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Around the targets: a few-step student answers in milliseconds on a GPU, tens of ms on a
+# CPU; the teacher at 64+ steps takes seconds. Prometheus defaults (5 ms .. 10 s) are too coarse.
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+)
+WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REJECT_REASONS = ("invalid", "unauthorized", "queue_full", "deadline", "cancelled", "draining",
+                  "error")
+
+
+class Metrics:
+    """Every halfstep metric, registered in its own registry."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.request_duration = Histogram(
+            "halfstep_request_duration_seconds",
+            "Time from a /generate request's arrival to its response, by model, steps used "
+            "and HTTP status",
+            ["model", "steps", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "halfstep_queue_wait_seconds", "Time a request waited in the queue before its batch",
+            buckets=WAIT_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "halfstep_batch_size", "Images per executed batch (before padding to a bucket)",
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.batch_duration = Histogram(
+            "halfstep_batch_duration_seconds", "Engine time per executed batch",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge(
+            "halfstep_queue_depth", "Requests waiting in the queue", registry=r,
+        )
+        self.requests = Counter(
+            "halfstep_requests", "Finished /generate requests by HTTP status", ["status"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "halfstep_rejected", "Requests refused or dropped without an image, by reason",
+            ["reason"], registry=r,
+        )
+        self.images = Counter(
+            "halfstep_images_generated", "Images returned to clients, by model", ["model"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "halfstep_ready", "1 when warmed up and accepting work, else 0", registry=r,
+        )
+        for reason in REJECT_REASONS:  # export zeros so rate() works from the first scrape
+            self.rejected.labels(reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

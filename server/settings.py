@@ -1,0 +1,90 @@
+"""`halfstep serve` options: each one also reads `HALFSTEP_<NAME>` (for the container).
+
+Precedence: command-line flag > environment variable > default. The API key is read from the
+environment only (`HALFSTEP_API_KEY`), so it never shows up in `ps` output or shell history.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from halfstep.export.backends import BACKENDS
+
+ENV_PREFIX = "HALFSTEP_"
+# Batch sizes below this run through different CPU conv kernels (oneDNN) whose last-bit
+# differences can flip a uint8 pixel; padding every batch to at least 4 rows keeps a request's
+# bytes independent of its batch (measured on torch 2.x CPU: sizes 1-3 differ, 4..64 agree).
+TORCH_MIN_BUCKET = 4
+
+
+@dataclass
+class Settings:
+    bundle: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    backend: str = "auto"
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    timeout_s: float = 30.0
+    drain_s: float = 30.0
+    max_body_bytes: int = 16 * 1024
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        checks = [
+            ("port", 0 <= self.port <= 65535, "0..65535"),
+            ("max_batch", 1 <= self.max_batch <= 1024, "1..1024"),
+            ("max_wait_ms", 0 <= self.max_wait_ms <= 10_000, "0..10000"),
+            ("max_queue", 1 <= self.max_queue <= 1_000_000, "1..1000000"),
+            ("timeout_s", 0 < self.timeout_s <= 3600, "(0, 3600]"),
+            ("drain_s", 0 <= self.drain_s <= 3600, "0..3600"),
+            ("max_body_bytes", 64 <= self.max_body_bytes, ">= 64"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name} must be in {allowed}, got {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key.strip():
+            self.api_key = None  # an empty HALFSTEP_API_KEY means "no auth", not "empty token"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        """Defaults, then HALFSTEP_* variables, then explicit overrides that are not None."""
+        environ = os.environ if environ is None else environ
+        values: dict = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def _parse(name: str, type_name, raw: str):
+    kind = str(type_name)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number") from None
+    return raw
+
+
+def batch_buckets(max_batch: int, min_bucket: int = 1) -> tuple[int, ...]:
+    """Powers of two from min_bucket up to max_batch, plus max_batch itself."""
+    buckets, b = [], 1
+    while b < max_batch:
+        if b >= min_bucket:
+            buckets.append(b)
+        b *= 2
+    return tuple(buckets + [max_batch])
