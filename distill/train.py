@@ -100,6 +100,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
 
+def ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """Warm the EMA up: min(decay, (1 + s) / (10 + s)), so the random initial weights fade out
+    within the first few hundred steps instead of weighing decay^s (0.9995^1000 = 0.6)."""
+    return min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -126,7 +132,8 @@ def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, Denoiser]:
     return cfg, teacher.eval()
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          reset_ema: bool = False) -> Path:
     """Train a teacher; returns the run directory (config.json, ema.safetensors, checkpoint)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     rank, world = _dist_info()
@@ -147,6 +154,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
+        if reset_ema:  # restart the average from the current weights
+            ema.load_state_dict(model.state_dict())
     elif resume:
         raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}")
     if rank == 0:
@@ -175,7 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        update_ema(ema, model, cfg.ema_decay)
+        update_ema(ema, model, ema_decay_at(cfg, step))
         step += 1
         rate = (step - start_step) / (time.perf_counter() - started)
         bar.update(1)

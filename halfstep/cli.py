@@ -39,6 +39,8 @@ def _add_train(sub) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--reset-ema", action="store_true",
+                   help="with --resume: restart the EMA from the current weights")
     p.set_defaults(func=cmd_train)
 
 
@@ -57,7 +59,9 @@ def cmd_train(args) -> int:
         cfg.model.parameterization = args.parameterization
         cfg.model.__post_init__()
     del dataset
-    out = train(cfg, resume=args.resume)
+    if args.reset_ema and not args.resume:
+        raise UsageError("--reset-ema only applies with --resume")
+    out = train(cfg, resume=args.resume, reset_ema=args.reset_ema)
     print(f"teacher written to {out}")
     return 0
 
