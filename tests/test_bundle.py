@@ -1,0 +1,112 @@
+"""Bundles: verification names the bad file; writes are atomic; step lookups are clear."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from halfstep.distill.bundle import Bundle, BundleError, add_student, update_manifest
+from halfstep.distill.io import atomic_save_safetensors
+from tests.conftest import build_tiny_bundle, tiny_denoiser
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle_dir, tmp_path):
+    return shutil.copytree(tiny_bundle_dir, tmp_path / "b")
+
+
+def test_manifest_is_self_describing(tiny_bundle):
+    m = tiny_bundle.manifest
+    for key in ("format_version", "image_shape", "num_labels", "schedule", "parameterization",
+                "time_input", "teacher", "students", "configs", "exports"):
+        assert key in m
+    assert tiny_bundle.student_steps == [1, 2, 4, 8]
+    assert all(len(s["sha256"]) == 64 for s in m["students"])
+    assert m["teacher"]["max_steps"] == 64
+
+
+def test_student_for_budget_picks_largest_that_fits(tiny_bundle):
+    assert tiny_bundle.student_for_budget(8) == 8
+    assert tiny_bundle.student_for_budget(7) == 4
+    assert tiny_bundle.student_for_budget(1000) == 8
+    with pytest.raises(BundleError, match="available: 1, 2, 4, 8"):
+        tiny_bundle.student_for_budget(0)
+    with pytest.raises(BundleError, match="available: 1, 2, 4, 8"):
+        tiny_bundle.check_steps("student", 3)
+    with pytest.raises(BundleError, match="1..64"):
+        tiny_bundle.check_steps("teacher", 65)
+
+
+def test_corrupted_weights_are_detected(bundle_copy):
+    path = bundle_copy / "student-4.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="student-4.safetensors"):
+        Bundle(bundle_copy)
+
+
+def test_missing_file_and_bad_manifest(bundle_copy, tmp_path):
+    (bundle_copy / "teacher.safetensors").unlink()
+    with pytest.raises(BundleError, match="missing.*teacher.safetensors"):
+        Bundle(bundle_copy)
+    with pytest.raises(BundleError, match="not a halfstep bundle"):
+        Bundle(tmp_path)
+    (tmp_path / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Bundle(tmp_path)
+
+
+def test_wrong_shapes_are_detected(bundle_copy):
+    wrong = tiny_denoiser(block_out_channels=(16, 16), norm_num_groups=8)
+    sha = atomic_save_safetensors(wrong.unet.state_dict(), bundle_copy / "student-2.safetensors")
+
+    def fix_sha(m):
+        next(s for s in m["students"] if s["steps"] == 2)["sha256"] = sha
+
+    update_manifest(bundle_copy, fix_sha)
+    with pytest.raises(BundleError, match="student-2.safetensors has wrong tensor"):
+        Bundle(bundle_copy)
+
+
+def test_paths_cannot_escape_the_bundle(bundle_copy):
+    update_manifest(bundle_copy, lambda m: m["teacher"].update(file="../../etc/passwd"))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        Bundle(bundle_copy)
+
+
+def test_interrupted_write_leaves_previous_bundle_loadable(bundle_copy, monkeypatch):
+    before = (bundle_copy / "bundle.json").read_text()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr("halfstep.distill.io.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        add_student(bundle_copy, 4, tiny_denoiser(9).unet.state_dict(), {})
+    assert (bundle_copy / "bundle.json").read_text() == before
+    assert not list(bundle_copy.glob(".*.tmp"))
+    Bundle(bundle_copy)  # still verifies
+
+
+def test_loaded_denoisers_sample(tiny_bundle):
+    den = tiny_bundle.denoiser("student", 2)
+    assert den is tiny_bundle.denoiser("student", 2)  # cached
+    out = den(torch.zeros(1, 1, 28, 28), torch.tensor([0.5]), torch.tensor([10]))
+    assert out.shape == (1, 1, 28, 28)
+
+
+def test_format_version_is_checked(bundle_copy):
+    m = json.loads((bundle_copy / "bundle.json").read_text())
+    m["format_version"] = 99
+    (bundle_copy / "bundle.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format_version 99"):
+        Bundle(bundle_copy)
+
+
+def test_replacing_a_student_keeps_one_entry(tmp_path):
+    root = build_tiny_bundle(tmp_path / "b", steps=(2,))
+    add_student(root, 2, tiny_denoiser(5).unet.state_dict(), {"note": "again"})
+    b = Bundle(root)
+    assert b.student_steps == [2] and b.manifest["students"][0]["note"] == "again"

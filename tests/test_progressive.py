@@ -1,0 +1,74 @@
+"""Algorithm 2: the target identity, the last-step rule, and that distillation learns."""
+
+import pytest
+import torch
+
+from halfstep.distill.data import synthetic_dataset
+from halfstep.distill.losses import WeightedXLoss
+from halfstep.distill.progressive import (
+    DistillConfig,
+    distill_round,
+    distillation_target,
+    probe_gap,
+)
+from halfstep.distill.sampling import ddim_step
+from tests.conftest import tiny_denoiser
+
+
+def _two_teacher_steps(teacher, z_t, t, labels, n):
+    """Reference: two unclipped DDIM steps t -> t' -> t'' written out independently."""
+    sched = teacher.schedule
+    out, ts = z_t, [t, t - 0.5 / n, t - 1.0 / n]
+    for a, b in zip(ts[:-1], ts[1:]):
+        xh = teacher(out, a, labels)
+        (a_a, s_a), (a_b, s_b) = ([v.view(-1, 1, 1, 1) for v in sched.alpha_sigma(x)] for x in (a, b))
+        out = ddim_step(out, xh, a_a, s_a, a_b, s_b)
+    return out, xh
+
+
+@pytest.mark.parametrize("n_student", [1, 4, 64, 1024])
+def test_one_student_step_with_x_tgt_lands_on_two_teacher_steps(n_student):
+    teacher = tiny_denoiser().double()
+    g = torch.Generator().manual_seed(0)
+    b = 4
+    i = torch.tensor([n_student, max(1, n_student // 2), min(2, n_student), 1])
+    t = i.double() / n_student
+    z_t = torch.randn(b, 1, 28, 28, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 10, 7])
+    x_tgt = distillation_target(teacher, z_t, t, labels, n_student)
+    z_2, xh_last = _two_teacher_steps(teacher, z_t, t, labels, n_student)
+    sched = teacher.schedule
+    (a_t, s_t), (a_2, s_2) = ([v.view(-1, 1, 1, 1) for v in sched.alpha_sigma(x)]
+                              for x in (t, t - 1.0 / n_student))
+    student_step = ddim_step(z_t, x_tgt, a_t, s_t, a_2, s_2)
+    last = (i == 1)
+    # Non-final steps: the identity holds to 1e-10 in float64.
+    assert (student_step[~last] - z_2[~last]).abs().max() < 1e-10
+    # Final step (t'' = 0): samplers return x_hat there, so the student's output x_tgt must be
+    # exactly the teacher's final x_hat.
+    assert last.any() and torch.equal(x_tgt[last], xh_last[last])
+
+
+def test_distillation_makes_student_match_teacher():
+    """Two rounds (4 -> 2 -> 1) on synthetic data close the gap to the teacher's 2-step sample."""
+    torch.manual_seed(0)
+    data = synthetic_dataset(256)
+    teacher = tiny_denoiser()
+    cfg = DistillConfig(teacher="unused", out="unused", from_steps=4, to_steps=1,
+                        iters_per_round=40, batch_size=16, lr=2e-3)
+    loss_fn = WeightedXLoss("snr_trunc")
+    student2, m2 = distill_round(teacher, data, 2, cfg, loss_fn, progress=False)
+    student1, m1 = distill_round(student2, data, 1, cfg, loss_fn, progress=False)
+    assert m2["gap_to_teacher_end"] < m2["gap_to_teacher_start"]
+    assert m1["gap_to_teacher_end"] < m1["gap_to_teacher_start"]
+    assert probe_gap(student1, student2, 1, 16) == pytest.approx(m1["gap_to_teacher_end"])
+    # The student is a new network; the teacher was not touched.
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        DistillConfig(teacher="a", out="b", from_steps=12, to_steps=1)
+    with pytest.raises(ValueError, match="power of two"):
+        DistillConfig(teacher="a", out="b", from_steps=8, to_steps=0)
+    assert DistillConfig(teacher="a", out="b", from_steps=16, to_steps=2).round_steps() == [8, 4, 2]
