@@ -79,7 +79,7 @@ def export_bytes(denoiser: Denoiser, steps: int, exporter: str = DEFAULT_EXPORTE
     kwargs: dict = dict(input_names=list(INPUTS), output_names=[OUTPUT], opset_version=opset)
     if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=max_batch)
-        kwargs.update(dynamo=True, external_data=False,
+        kwargs.update(dynamo=True, external_data=False, verbose=False,
                       dynamic_shapes={"noise": {0: batch}, "labels": {0: batch}})
     else:
         kwargs.update(dynamo=False, do_constant_folding=True,
@@ -130,6 +130,8 @@ def export_onnx(root: str | os.PathLike, steps: list[int] | None = None,
     steps = list(bundle.student_steps if steps is None else steps)
     for n in steps:
         bundle.check_steps("student", n)
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     if not 1 <= max_batch <= 4096:
         raise ExportError(f"max_batch must be in 1..4096, got {max_batch}")
     entries = []

@@ -76,7 +76,6 @@ class OrtEngine(Engine):
                               f"{', '.join(map(str, missing))}; run: halfstep export --bundle "
                               f"{bundle.root} --format onnx")
         paths = {n: verified_path(bundle, e) for n, e in entries.items()}  # before any load
-        self._teacher = TorchEngine(bundle, device=self.device)
         if self.device.type == "cpu":
             self._sessions = {n: cpu_session(p, threads) for n, p in paths.items()}
         elif self.device.type == "cuda":
@@ -84,6 +83,7 @@ class OrtEngine(Engine):
                           for n, p in paths.items()}
         else:
             raise EngineError(f"onnxruntime device must be cpu or cuda, got {device!r}")
+        self._teacher = TorchEngine(bundle, device=self.device)
 
     def _run(self, model, steps, noise, labels):
         if model == "teacher":  # not exported: the torch engine serves it (documented)
