@@ -90,10 +90,13 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if self.ready():
-                    return
+                r = self.http.get("/readyz")
             except httpx.TransportError:
-                pass  # not listening yet
+                r = None  # not listening yet
+            if r is not None and r.status_code == 200:
+                return
+            if r is not None and "failed" in r.json().get("reason", ""):
+                raise RuntimeError(f"server at {self.http.base_url}: {r.json()['reason']}")
             time.sleep(0.05)
         raise TimeoutError(f"server at {self.http.base_url} not ready after {timeout_s} s")
 

@@ -1,0 +1,158 @@
+"""The dynamic batcher over real HTTP: merging, determinism, queue full, deadline, cancellation,
+failing batches. The engine is held at a gate so queues form deterministically, not by timing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from halfstep.server.client import AsyncClient, Client, HalfstepError
+
+from .test_server_support import make_app, metric_value, serving
+
+
+async def until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
+
+
+async def metric(ac: AsyncClient, name: str, labels: str = "") -> float:
+    return metric_value(await ac.metrics(), name, labels)
+
+
+async def hold_engine(ac: AsyncClient, engine) -> asyncio.Task:
+    """Start a steps=1 request and wait until the engine thread is stuck at its gate."""
+    blocker = asyncio.create_task(ac.generate(steps=1, seed=0))
+    assert await asyncio.to_thread(engine.entered.wait, 30)
+    return blocker
+
+
+def test_concurrent_requests_merge_and_bytes_do_not_depend_on_the_batch(tiny_bundle_dir):
+    app, engine = make_app(tiny_bundle_dir)
+    with serving(app) as url:
+        with Client(url) as c:
+            alone = c.generate(steps=2, seed=100, n=2, label=1).content
+
+        async def burst():
+            async with AsyncClient(url) as ac:
+                with engine.held():
+                    blocker = await hold_engine(ac, engine)
+                    tasks = [asyncio.create_task(ac.generate(steps=2, seed=100, n=2, label=1)),
+                             asyncio.create_task(ac.generate(steps=2, seed=7, n=3)),
+                             asyncio.create_task(ac.generate(steps=2, seed=9, label=4))]
+                    await until(lambda: _depth_is(ac, 3))
+                results = await asyncio.gather(blocker, *tasks)
+                return results, await ac.metrics()
+
+        results, text = asyncio.run(burst())
+    assert ("student", 2, 6) in engine.calls  # three requests, one engine call
+    assert results[1].content == alone  # padded to 8 with strangers vs. alone (padded to 4)
+    count = metric_value(text, "halfstep_batch_size_count")
+    assert metric_value(text, "halfstep_batch_size_bucket", 'le="4.0"') < count  # a batch > 4
+    assert metric_value(text, "halfstep_batch_size_sum") >= 6 + 1
+
+
+async def _depth_is(ac: AsyncClient, n: int) -> bool:
+    return await metric(ac, "halfstep_queue_depth") == n
+
+
+def test_full_queue_answers_503_at_once(tiny_bundle_dir):
+    app, engine = make_app(tiny_bundle_dir, max_queue=2)
+    with serving(app) as url:
+
+        async def scenario():
+            async with AsyncClient(url) as ac:
+                with engine.held():
+                    blocker = await hold_engine(ac, engine)
+                    queued = [asyncio.create_task(ac.generate(steps=2, seed=s)) for s in (1, 2)]
+                    await until(lambda: _depth_is(ac, 2))
+                    t0 = time.monotonic()
+                    with pytest.raises(HalfstepError) as err:
+                        await ac.generate(steps=2, seed=3)
+                    elapsed = time.monotonic() - t0
+                    ready = await ac.http.get("/readyz")
+                done = await asyncio.gather(blocker, *queued)
+                return err.value, elapsed, ready, done, await ac.metrics()
+
+        err, elapsed, ready, done, text = asyncio.run(scenario())
+    assert err.status == 503 and err.headers["retry-after"] == "1"
+    assert "queue is full" in err.body["error"]
+    assert elapsed < 5  # refused at once, not after the held batch
+    assert ready.status_code == 503 and ready.json()["reason"] == "queue full"
+    assert [d.steps for d in done] == [1, 2, 2]  # what was accepted still ran
+    assert metric_value(text, "halfstep_rejected_total", 'reason="queue_full"') == 1
+
+
+def test_request_past_its_deadline_gets_504_and_never_runs(tiny_bundle_dir):
+    app, engine = make_app(tiny_bundle_dir, timeout_s=0.5)
+    with serving(app) as url:
+
+        async def scenario():
+            async with AsyncClient(url) as ac:
+                with engine.held():
+                    blocker = await hold_engine(ac, engine)
+                    t0 = time.monotonic()
+                    with pytest.raises(HalfstepError) as err:
+                        await ac.generate(steps=2, seed=1)
+                    elapsed = time.monotonic() - t0
+                    still_held = not engine.gate.is_set()
+                await blocker
+                after = await ac.generate(steps=4)
+                return err.value, elapsed, still_held, after, await ac.metrics()
+
+        err, elapsed, still_held, after, text = asyncio.run(scenario())
+    assert err.status == 504 and "deadline" in err.body["error"]
+    assert still_held and elapsed < 5  # answered while the engine was busy (triton core #333)
+    assert not [c for c in engine.calls if c[1] == 2]  # it never ran
+    assert after.steps == 4
+    assert metric_value(text, "halfstep_rejected_total", 'reason="deadline"') == 1
+
+
+def test_disconnected_client_is_dropped_before_its_batch_runs(tiny_bundle_dir):
+    app, engine = make_app(tiny_bundle_dir)
+    with serving(app) as url:
+
+        async def scenario():
+            async with AsyncClient(url) as ac:
+                with engine.held():
+                    blocker = await hold_engine(ac, engine)
+                    async with AsyncClient(url, timeout=0.5) as impatient:
+                        for seed in range(3):  # a burst of client timeouts (ray #41057)
+                            with pytest.raises(httpx.ReadTimeout):
+                                await impatient.generate(steps=2, seed=seed)
+                    await until(lambda: _cancelled_is(ac, 3))
+                    depth = await metric(ac, "halfstep_queue_depth")
+                await blocker
+                after = await ac.generate(steps=2, seed=9)  # the loop did not hang (ray #50046)
+                return depth, after
+
+        depth, after = asyncio.run(scenario())
+    assert depth == 0
+    assert [c for c in engine.calls if c[1] == 2] == [("student", 2, 1)]  # only the last one
+    assert after.steps == 2
+
+
+async def _cancelled_is(ac: AsyncClient, n: int) -> bool:
+    return await metric(ac, "halfstep_rejected_total", 'reason="cancelled"') == n
+
+
+def test_a_failing_batch_fails_only_its_requests(tiny_bundle_dir):
+    app, engine = make_app(tiny_bundle_dir)
+    engine.fail_steps, engine.short_steps = {2}, {1}
+    with serving(app) as url, Client(url) as c:
+        with pytest.raises(HalfstepError) as failed:
+            c.generate(steps=2)
+        with pytest.raises(HalfstepError) as short:
+            c.generate(steps=1, n=3)
+        ok = c.generate(steps=4)
+        text = c.metrics()
+    assert failed.value.status == 500 and "injected failure" in failed.value.body["error"]
+    assert short.value.status == 500
+    assert "returned 2 images for 3 inputs" in short.value.body["error"]
+    assert ok.steps == 4
+    assert metric_value(text, "halfstep_rejected_total", 'reason="error"') == 2
+    assert metric_value(text, "halfstep_requests_total", 'status="500"') == 2
