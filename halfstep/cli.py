@@ -136,6 +136,7 @@ def cmd_sample(args) -> int:
 PLUGIN_MODULES = (
     "halfstep.export.cli",
     "halfstep.server.cli",
+    "halfstep.server.bench_cli",
     "halfstep.distill.eval.cli",
 )
 

@@ -11,6 +11,11 @@ import torch
 from halfstep.distill.bundle import Bundle, add_student, create_bundle
 from halfstep.distill.denoiser import Denoiser, ModelConfig
 
+# One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes tiny models ~50x
+# slower when a server subprocess and the test process both run torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 MNIST_DIR = Path(os.environ.get("HALFSTEP_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 TINY_STUDENT_STEPS = (1, 2, 4, 8)
 
