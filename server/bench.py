@@ -1,0 +1,182 @@
+"""`halfstep bench`: HTTP latency/throughput, in-process engines, the FLOP floor and the
+diffusers baseline, measured in one run (bench_load.py: HTTP; bench_floor.py: in process).
+
+Everything is measured; `targets` compares the ratios with the issue's goals and reports the
+miss factor, never asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from halfstep.distill.bundle import Bundle
+
+from . import bench_floor, bench_load
+
+STEPS = (1, 2, 4, 8, 16)
+QUICK_STEPS = (1, 4)
+TEACHER_REFERENCE = 256
+CONCURRENCIES = (1, 8, 32)
+TARGET_TEACHER_RATIO = 50.0  # HTTP p50, student 4 vs teacher 256: >= 50x
+TARGET_OVERHEAD = 1.2  # HTTP p50 / engine time at batch 1: <= 1.2x
+TARGET_VS_DIFFUSERS = 0.5  # fastest engine / diffusers at 4 steps, batch 1: <= 0.5x
+TARGET_FLOOR = 0.5  # CPU engine at batch 64: >= 50% of the matmul rate
+
+
+@dataclass
+class BenchConfig:
+    url: str | None = None
+    bundle: str | None = None
+    backend: str = "auto"
+    allow_remote: bool = False
+    quick: bool = False
+    steps: tuple[int, ...] = STEPS
+    requests: int = 30
+    repeats: int = 10
+    batches: tuple[int, ...] = (1, 64)
+    concurrencies: tuple[int, ...] = CONCURRENCIES
+    cell_budget_s: float = 60.0
+    teacher_reference: int = TEACHER_REFERENCE
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.url is None and self.bundle is None:
+            raise ValueError("give --url (a running server) or --bundle (started here); with "
+                             "both, the bundle is used for the in-process measurements only")
+        if self.url is not None:
+            self.url = bench_load.check_url(self.url, self.allow_remote)
+        if self.quick:
+            if tuple(self.steps) == STEPS:  # explicit --steps win over --quick's few
+                self.steps = QUICK_STEPS
+            self.requests, self.repeats = min(self.requests, 5), min(self.repeats, 3)
+            self.cell_budget_s = min(self.cell_budget_s, 10.0)
+        for name in ("requests", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.steps or min(self.steps) < 1 or min(self.batches) < 1 \
+                or min(self.concurrencies) < 1:
+            raise ValueError("steps, batches and concurrencies must be positive integers")
+        if self.teacher_reference < 1:
+            raise ValueError(f"--teacher-steps must be >= 1, got {self.teacher_reference}")
+        if self.cell_budget_s <= 0:
+            raise ValueError(f"--cell-budget-s must be > 0, got {self.cell_budget_s}")
+
+
+def plan_steps(info: dict, wanted: tuple[int, ...], reference: int = TEACHER_REFERENCE
+               ) -> tuple[list[int], list[int], dict]:
+    """Student steps that exist, teacher steps (reference + the same counts), and skips."""
+    have = info["student_steps"]
+    students = [s for s in wanted if s in have]
+    skipped = {f"student {s}": "no such student in the bundle" for s in wanted if s not in have}
+    tmax = info["teacher_max_steps"]
+    if reference > tmax:
+        skipped[f"teacher {reference}"] = f"teacher max is {tmax}; reference is {tmax}"
+        reference = tmax
+    teacher = sorted({reference, *(s for s in students if s <= tmax)})
+    return students, teacher, skipped
+
+
+def run_bench(cfg: BenchConfig, progress=print) -> dict:
+    """One full run; the returned dict is what --json writes."""
+    started = time.perf_counter()
+    server = None if cfg.url else bench_load.LocalServer(cfg.bundle, cfg.backend)
+    try:
+        url = server.url if server else cfg.url
+        with bench_load.httpx.Client(base_url=url, timeout=30.0,
+                                     headers=_auth(cfg.api_key)) as http:
+            info = http.get("/v1/models").raise_for_status().json()
+        students, teacher, skipped = plan_steps(info, cfg.steps, cfg.teacher_reference)
+        if not students:
+            raise ValueError(f"none of steps {list(cfg.steps)} is a student of this bundle "
+                             f"(students: {info['student_steps']})")
+        tput_steps = 4 if 4 in students else students[0]
+        http_result = asyncio.run(bench_load.run_http(
+            url, students, teacher, list(cfg.concurrencies), cfg.requests, tput_steps,
+            cfg.cell_budget_s, progress, cfg.api_key))
+    finally:
+        if server:
+            server.close()
+    result = {"machine": machine(), "config": {**asdict(cfg), "api_key": None},
+              "server": http_result["server"], "skipped": skipped,
+              "latency": http_result["latency"], "throughput": http_result["throughput"]}
+    if cfg.bundle is None:
+        result["skipped"]["in-process"] = "--url without --bundle: pass the server's bundle too"
+    else:
+        bundle = Bundle(cfg.bundle)
+        engines, engine_skips = bench_floor.bench_engines(bundle, students, list(cfg.batches),
+                                                          cfg.repeats, progress)
+        result["skipped"].update({f"engine {k}": v for k, v in engine_skips.items()})
+        result["engines"] = engines
+        progress("bench: matmul rate and FLOP counts")
+        rate = bench_floor.matmul_rate(seconds=0.5 if cfg.quick else 2.0)
+        result["floor"] = bench_floor.floor_rows(bundle, engines, rate)
+        result["diffusers"] = bench_floor.bench_diffusers(bundle, students, cfg.repeats,
+                                                          progress=progress)
+    result["targets"] = targets(result)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _auth(key: str | None) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "device": bench_floor.device_name(), "torch": torch.__version__,
+            "cpus": torch.get_num_threads(), "load_average": _loadavg()}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _get(rows, **match):
+    return next((r for r in rows or [] if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _target(value, goal, higher_is_better: bool, detail: str) -> dict:
+    met = value >= goal if higher_is_better else value <= goal
+    miss = None if met else round(goal / value if higher_is_better else value / goal, 2)
+    return {"value": round(value, 3), "goal": goal, "met": met,
+            "want": ">=" if higher_is_better else "<=", "missed_by_x": miss, "detail": detail}
+
+
+def targets(r: dict) -> dict:
+    out = {}
+    lat = r["latency"]
+    s4 = _get(lat, model="student", steps=4)
+    teacher = [x for x in lat if x["model"] == "teacher"]
+    ref = max(teacher, key=lambda x: x["steps"]) if teacher else None
+    if s4 and ref and s4["p50_ms"] and ref["p50_ms"]:
+        out["http_student4_vs_teacher"] = _target(
+            ref["p50_ms"] / s4["p50_ms"], TARGET_TEACHER_RATIO, True,
+            f"teacher {ref['steps']} steps p50 / student 4 steps p50")
+    engines = r.get("engines") or []
+    backend = r["server"].get("backend")
+    e4 = _get(engines, backend=backend, steps=4, batch=1)
+    if s4 and e4 and s4["p50_ms"]:
+        out["server_overhead_b1"] = _target(s4["p50_ms"] / e4["median_ms"], TARGET_OVERHEAD,
+                                            False, f"HTTP p50 / {backend} engine, 4 steps")
+    fastest = min((e for e in engines if e["steps"] == 4 and e["batch"] == 1),
+                  key=lambda e: e["median_ms"], default=None)
+    d4 = _get(r.get("diffusers"), steps=4, batch=1)
+    if fastest and d4:
+        out["engine_vs_diffusers_4"] = _target(
+            fastest["median_ms"] / d4["median_ms"], TARGET_VS_DIFFUSERS, False,
+            f"{fastest['backend']} engine / diffusers DDIMScheduler, 4 steps, batch 1")
+    cpu64 = [f for f in r.get("floor") or [] if f["batch"] == 64]
+    if cpu64 and not torch.cuda.is_available():
+        best = max(cpu64, key=lambda f: f["fraction"])
+        out["cpu_floor_b64"] = _target(best["fraction"], TARGET_FLOOR, True,
+                                       f"{best['backend']} {best['steps']} steps, achieved / "
+                                       "measured matmul FLOP/s")
+    return out

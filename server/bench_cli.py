@@ -1,0 +1,140 @@
+"""`halfstep bench`: the subcommand, its one table, the JSON and the plot (see server/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark a server and the engines (latency, throughput, floor, peer)",
+        description="Measure HTTP latency and throughput of a halfstep server (--url, loopback "
+                    "only unless --allow-remote, or --bundle: started on a free loopback port "
+                    "and stopped at the end), the in-process engines, the FLOP floor and the "
+                    "diffusers DDIMScheduler baseline, in one run. Every loop is bounded.")
+    p.add_argument("--url", help="a running server, http://HOST:PORT")
+    p.add_argument("--bundle", help="bundle directory: serve it here (or, with --url, the "
+                                    "server's bundle for the in-process measurements)")
+    p.add_argument("--backend", default="auto", help="server backend when started here")
+    p.add_argument("--allow-remote", action="store_true", help="permit a non-loopback --url")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: steps 1,4, 5 requests per cell, 3 repeats")
+    p.add_argument("--steps", type=_ints, default=(1, 2, 4, 8, 16), help="student steps")
+    p.add_argument("--requests", type=int, default=30, help="requests per latency cell")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per in-process cell")
+    p.add_argument("--batches", type=_ints, default=(1, 64), help="engine batch sizes")
+    p.add_argument("--concurrency", type=_ints, default=(1, 8, 32))
+    p.add_argument("--teacher-steps", type=int, default=256,
+                   help="the teacher reference step count (capped at the bundle's maximum)")
+    p.add_argument("--cell-budget-s", type=float, default=60.0,
+                   help="wall-clock cap per HTTP cell")
+    p.add_argument("--json", help="write the full result here")
+    p.add_argument("--plot", help="write latency vs steps (PNG) here")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import os
+
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(url=args.url, bundle=args.bundle, backend=args.backend,
+                      allow_remote=args.allow_remote, quick=args.quick, steps=args.steps,
+                      requests=args.requests, repeats=args.repeats, batches=args.batches,
+                      concurrencies=args.concurrency, cell_budget_s=args.cell_budget_s,
+                      teacher_reference=args.teacher_steps,
+                      api_key=os.environ.get("HALFSTEP_API_KEY"))
+    result = run_bench(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        write_plot(result, args.plot)
+    return 0
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def format_table(r: dict) -> str:
+    """One fixed-width table: a section per measurement, then the targets and the skips."""
+    m = r["machine"]
+    lines = [f"halfstep bench on {m['device']}, {m['platform']}, torch {m['torch']}, "
+             f"load {m['load_average']}; server backend {r['server'].get('backend')}"]
+    teacher = [x for x in r["latency"] if x["model"] == "teacher"]
+    ref = max(teacher, key=lambda x: x["steps"]) if teacher else None
+    head = f"{'section':<11} {'what':<24} {'steps':>5} {'batch':>5} {'p50/median':>11} " \
+           f"{'p95':>9} {'p99':>9} {'other':>22}"
+    lines += [head, "-" * len(head)]
+    for x in r["latency"]:
+        speed = f"{ref['p50_ms'] / x['p50_ms']:.1f}x vs teacher{ref['steps']}" \
+            if ref and x["p50_ms"] and x["model"] == "student" else ""
+        lines.append(f"{'http n=1':<11} {x['model']:<24} {x['steps']:>5} {1:>5} "
+                     f"{_ms(x['p50_ms']):>11} {_ms(x['p95_ms']):>9} {_ms(x['p99_ms']):>9} "
+                     f"{speed:>22}")
+    for t in r["throughput"]:
+        lines.append(f"{'throughput':<11} {'concurrency ' + str(t['concurrency']):<24} "
+                     f"{t['steps']:>5} {'-':>5} {'-':>11} {'-':>9} {'-':>9} "
+                     f"{str(t['images_per_s']) + ' img/s, b=' + str(t['mean_batch']):>22}")
+    for e in r.get("engines", []):
+        lines.append(f"{'engine':<11} {e['backend']:<24} {e['steps']:>5} {e['batch']:>5} "
+                     f"{_ms(e['median_ms']):>11} {'-':>9} {'-':>9} {'':>22}")
+    for f in r.get("floor", []):
+        lines.append(f"{'floor':<11} {f['backend']:<24} {f['steps']:>5} {f['batch']:>5} "
+                     f"{'-':>11} {'-':>9} {'-':>9} "
+                     f"{str(f['achieved_gflops']) + ' GF/s ' + format(f['fraction'], '.1%'):>22}")
+    for d in r.get("diffusers", []):
+        lines.append(f"{'diffusers':<11} {'DDIMScheduler trailing v':<24} {d['steps']:>5} "
+                     f"{d['batch']:>5} {_ms(d['median_ms']):>11} {'-':>9} {'-':>9} {'':>22}")
+    if r.get("floor"):
+        lines.append(f"matmul rate: {r['floor'][0]['matmul_gflops']} GFLOP/s (float32, measured)")
+    for name, t in r["targets"].items():
+        verdict = "met" if t["met"] else f"NOT met (missed by {t['missed_by_x']}x)"
+        lines.append(f"target {name}: {t['value']} (want {t['want']} {t['goal']}; "
+                     f"{t['detail']}) {verdict}")
+    for what, why in r["skipped"].items():
+        lines.append(f"skipped {what}: {why}")
+    return "\n".join(lines)
+
+
+def write_plot(r: dict, path: str) -> None:
+    """Latency vs steps, log-log: halfstep HTTP p50, teacher HTTP p50, diffusers in process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_model = {m: [x for x in r["latency"] if x["model"] == m] for m in ("student", "teacher")}
+    series = [("halfstep student (HTTP p50)", by_model["student"], "p50_ms"),
+              ("teacher (HTTP p50)", by_model["teacher"], "p50_ms"),
+              ("diffusers DDIM (in process)", r.get("diffusers", []), "median_ms")]
+    for label, rows, key in series:
+        rows = [x for x in rows if x.get(key)]
+        if rows:
+            ax.plot([x["steps"] for x in rows], [x[key] for x in rows], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("latency, ms (batch 1)")
+    ax.set_title(f"halfstep bench: {r['machine']['device']}")
+    ax.legend()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,199 @@
+"""HTTP side of `halfstep bench`: a loopback-only, bounded async load generator.
+
+Every loop here is bounded twice, by a request count and by a wall-clock budget, so a slow or
+stuck server cannot keep the benchmark running. Requests go only to the one base URL given,
+and that URL must be loopback unless the caller passes allow_remote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from .client import AsyncClient
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def check_url(url: str, allow_remote: bool = False) -> str:
+    """The base URL without a trailing slash; ValueError for a bad or non-loopback one."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--url must look like http://HOST:PORT, got {url!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"--url must be the server's base address (no path or query): {url!r}")
+    host = parts.hostname
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host.lower() in LOOPBACK_NAMES
+    if not loopback and not allow_remote:
+        raise ValueError(f"refusing to send load to non-loopback host {host!r}; pass "
+                         "--allow-remote if you own that server")
+    return url.rstrip("/")
+
+
+def percentiles(times_s: list[float]) -> dict:
+    """p50/p95/p99 and mean in milliseconds (nearest-rank on the sorted sample)."""
+    if not times_s:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None, "n": 0}
+    s = sorted(times_s)
+
+    def rank(q: float) -> float:
+        return round(1e3 * s[min(len(s) - 1, max(0, int(q * len(s) + 0.999999) - 1))], 3)
+
+    return {"p50_ms": rank(0.50), "p95_ms": rank(0.95), "p99_ms": rank(0.99),
+            "mean_ms": round(1e3 * sum(s) / len(s), 3), "n": len(s)}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """`halfstep serve` on a free loopback port as a subprocess; always stopped by close()."""
+
+    def __init__(self, bundle: str, backend: str = "auto", max_batch: int = 64,
+                 ready_timeout_s: float = 180.0) -> None:
+        if not Path(bundle).is_dir():
+            raise ValueError(f"--bundle {bundle!r} is not a directory")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="halfstep-bench-", suffix=".log")
+        cmd = [sys.executable, "-m", "halfstep", "serve", "--bundle", str(bundle), "--host",
+               "127.0.0.1", "--port", str(self.port), "--backend", backend,
+               "--max-batch", str(max_batch)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ))
+        try:
+            self._wait_ready(ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.url, timeout=5.0) as http:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.tail()}")
+                try:
+                    r = http.get("/readyz")
+                    if r.status_code == 200:
+                        return
+                    if "failed" in r.json().get("reason", ""):
+                        raise RuntimeError(f"server warm-up failed: {r.json()['reason']}")
+                except httpx.TransportError:
+                    pass  # not listening yet
+                time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout_s:.0f} s: {self.tail()}")
+
+    def tail(self, chars: int = 2000) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: the server drains (nothing is queued by now)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def histogram_sum_count(metrics_text: str, name: str) -> tuple[float, float]:
+    """(sum, count) of an unlabelled Prometheus histogram in exposition text."""
+    total = count = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_sum "):
+            total = float(line.split()[1])
+        elif line.startswith(f"{name}_count "):
+            count = float(line.split()[1])
+    return total, count
+
+
+async def _latency_cell(client: AsyncClient, model: str, steps: int, requests: int,
+                        budget_s: float) -> tuple[list[float], int]:
+    """Sequential n=1 requests (concurrency 1): seconds each, and the errors seen."""
+    times, errors = [], 0
+    deadline = time.monotonic() + budget_s
+    for i in range(requests):
+        if times and time.monotonic() > deadline:
+            break  # bounded in time as well as count (at least one sample is kept)
+        started = time.perf_counter()
+        try:
+            await client.generate(steps=steps, model=model, n=1, seed=i)
+            times.append(time.perf_counter() - started)
+        except Exception:  # counted and reported, never retried
+            errors += 1
+    return times, errors
+
+
+async def _throughput_cell(client: AsyncClient, steps: int, concurrency: int, requests: int,
+                           budget_s: float) -> dict:
+    """`concurrency` workers share `requests` n=1 student requests; images/s and batch size."""
+    batch_sum0, batch_n0 = histogram_sum_count(await client.metrics(), "halfstep_batch_size")
+    left, errors, done = [requests], [0], [0]
+    deadline = time.monotonic() + budget_s
+
+    async def worker() -> None:
+        while left[0] > 0 and time.monotonic() < deadline:
+            left[0] -= 1
+            try:
+                await client.generate(steps=steps, model="student", n=1, seed=left[0])
+                done[0] += 1
+            except Exception:
+                errors[0] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    batch_sum1, batch_n1 = histogram_sum_count(await client.metrics(), "halfstep_batch_size")
+    batches = batch_n1 - batch_n0
+    return {"concurrency": concurrency, "steps": steps, "requests": done[0], "errors": errors[0],
+            "seconds": round(elapsed, 3), "images_per_s": round(done[0] / elapsed, 2),
+            "mean_batch": round((batch_sum1 - batch_sum0) / batches, 2) if batches else None}
+
+
+async def run_http(url: str, student_steps: list[int], teacher_steps: list[int],
+                   concurrencies: list[int], requests: int, throughput_steps: int,
+                   budget_s: float, progress=print, api_key: str | None = None) -> dict:
+    """Latency cells (student and teacher, n=1) then throughput cells, against one server."""
+    limits = httpx.Limits(max_connections=max(concurrencies + [1]))
+    async with AsyncClient(url, api_key=api_key, timeout=max(60.0, budget_s),
+                           limits=limits) as client:
+        info = await client.models()
+        latency = []
+        cells = [("student", s) for s in student_steps] + [("teacher", s) for s in teacher_steps]
+        for model, steps in cells:
+            progress(f"bench: HTTP latency {model} {steps} steps ({requests} requests)")
+            await client.generate(steps=steps, model=model, n=1, seed=0)  # untimed warm request
+            times, errors = await _latency_cell(client, model, steps, requests, budget_s)
+            latency.append({"model": model, "steps": steps, "errors": errors,
+                            **percentiles(times)})
+        throughput = []
+        for c in concurrencies:
+            progress(f"bench: throughput at concurrency {c} (student {throughput_steps} steps)")
+            throughput.append(await _throughput_cell(client, throughput_steps, c,
+                                                     max(requests, 4 * c), budget_s))
+    return {"server": info, "latency": latency, "throughput": throughput}
