@@ -87,9 +87,7 @@ def run_bench(cfg: BenchConfig, progress=print) -> dict:
     server = None if cfg.url else bench_load.LocalServer(cfg.bundle, cfg.backend)
     try:
         url = server.url if server else cfg.url
-        with bench_load.httpx.Client(base_url=url, timeout=30.0,
-                                     headers=_auth(cfg.api_key)) as http:
-            info = http.get("/v1/models").raise_for_status().json()
+        info = _models(url, cfg.api_key)
         students, teacher, skipped = plan_steps(info, cfg.steps, cfg.teacher_reference)
         if not students:
             raise ValueError(f"none of steps {list(cfg.steps)} is a student of this bundle "
@@ -120,6 +118,16 @@ def run_bench(cfg: BenchConfig, progress=print) -> dict:
     result["targets"] = targets(result)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _models(url: str, api_key: str | None) -> dict:
+    """GET /v1/models; an unreachable or refusing server is the user's to fix (ValueError)."""
+    httpx = bench_load.httpx
+    try:
+        with httpx.Client(base_url=url, timeout=30.0, headers=_auth(api_key)) as http:
+            return http.get("/v1/models").raise_for_status().json()
+    except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+        raise ValueError(f"cannot query {url}/v1/models: {exc}") from None
 
 
 def _auth(key: str | None) -> dict:

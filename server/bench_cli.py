@@ -84,7 +84,8 @@ def format_table(r: dict) -> str:
     lines += [head, "-" * len(head)]
     for x in r["latency"]:
         speed = f"{ref['p50_ms'] / x['p50_ms']:.1f}x vs teacher{ref['steps']}" \
-            if ref and x["p50_ms"] and x["model"] == "student" else ""
+            if ref and x["p50_ms"] and x["model"] == "student" else \
+            f"srv engine {_ms(x.get('server_engine_ms'))}"
         lines.append(f"{'http n=1':<11} {x['model']:<24} {x['steps']:>5} {1:>5} "
                      f"{_ms(x['p50_ms']):>11} {_ms(x['p95_ms']):>9} {_ms(x['p99_ms']):>9} "
                      f"{speed:>22}")
@@ -104,6 +105,10 @@ def format_table(r: dict) -> str:
                      f"{d['batch']:>5} {_ms(d['median_ms']):>11} {'-':>9} {'-':>9} {'':>22}")
     if r.get("floor"):
         lines.append(f"matmul rate: {r['floor'][0]['matmul_gflops']} GFLOP/s (float32, measured)")
+    for x in r["latency"]:
+        lines.append(f"time split {x['model']} {x['steps']}: HTTP mean {_ms(x['mean_ms'])} ms = "
+                     f"engine in server {_ms(x.get('server_engine_ms'))} + queue "
+                     f"{_ms(x.get('server_queue_ms'))} + HTTP/encode/client rest")
     for name, t in r["targets"].items():
         verdict = "met" if t["met"] else f"NOT met (missed by {t['missed_by_x']}x)"
         lines.append(f"target {name}: {t['value']} (want {t['want']} {t['goal']}; "

@@ -132,6 +132,17 @@ def histogram_sum_count(metrics_text: str, name: str) -> tuple[float, float]:
     return total, count
 
 
+def _server_split(before: str, after: str) -> dict:
+    """Where a request's time went, from the server's own histograms over one cell: mean
+    engine time per batch and mean queue wait (the rest is HTTP, encoding and the client)."""
+    out = {}
+    for key, name in (("server_engine_ms", "halfstep_batch_duration_seconds"),
+                      ("server_queue_ms", "halfstep_queue_wait_seconds")):
+        (s0, n0), (s1, n1) = histogram_sum_count(before, name), histogram_sum_count(after, name)
+        out[key] = round(1e3 * (s1 - s0) / (n1 - n0), 3) if n1 > n0 else None
+    return out
+
+
 async def _latency_cell(client: AsyncClient, model: str, steps: int, requests: int,
                         budget_s: float) -> tuple[list[float], int]:
     """Sequential n=1 requests (concurrency 1): seconds each, and the errors seen."""
@@ -188,9 +199,10 @@ async def run_http(url: str, student_steps: list[int], teacher_steps: list[int],
         for model, steps in cells:
             progress(f"bench: HTTP latency {model} {steps} steps ({requests} requests)")
             await client.generate(steps=steps, model=model, n=1, seed=0)  # untimed warm request
+            before = await client.metrics()
             times, errors = await _latency_cell(client, model, steps, requests, budget_s)
             latency.append({"model": model, "steps": steps, "errors": errors,
-                            **percentiles(times)})
+                            **percentiles(times), **_server_split(before, await client.metrics())})
         throughput = []
         for c in concurrencies:
             progress(f"bench: throughput at concurrency {c} (student {throughput_steps} steps)")

@@ -79,6 +79,8 @@ def test_quick_bench_against_tiny_bundle(tiny_bundle_dir, tmp_path, capsys):
     for x in r["latency"]:
         assert x["n"] >= 1 and x["errors"] == 0
         assert 0 < x["p50_ms"] <= x["p95_ms"] <= x["p99_ms"]
+        # the server's own engine time per batch, read from /metrics over the same cell
+        assert 0 < x["server_engine_ms"] < x["mean_ms"]
     assert [t["concurrency"] for t in r["throughput"]] == [1, 4]
     assert all(t["images_per_s"] > 0 and t["mean_batch"] >= 1 for t in r["throughput"])
     assert {(e["backend"], e["steps"], e["batch"]) for e in r["engines"]} >= \
@@ -87,6 +89,13 @@ def test_quick_bench_against_tiny_bundle(tiny_bundle_dir, tmp_path, capsys):
     assert [d["steps"] for d in r["diffusers"]] == [1]
     assert r["server"]["backend"] == "torch"
     for line in ("http n=1", "throughput", "engine", "floor", "diffusers", "matmul rate",
-                 "skipped student 16"):
+                 "skipped student 16", "time split student 1"):
         assert line in table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unreachable_loopback_server_is_a_clear_error(capsys):
+    from halfstep.server.bench_load import free_port
+
+    assert main(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--quick"]) == 2
+    assert "cannot query" in capsys.readouterr().err
