@@ -17,7 +17,7 @@ import time
 import torch
 from halfstep.distill.bundle import Bundle
 
-from .client import AsyncClient, Client
+from .client import AsyncClient, Client, HalfstepError
 from .settings import TORCH_MIN_BUCKET, batch_buckets
 
 
@@ -50,10 +50,11 @@ def engine_numbers(bundle: Bundle, backend: str, steps: int, max_batch: int,
             "engine_images_per_s_by_bucket": per_bucket, "backend": engine.name}
 
 
-async def _closed_loop(url: str, steps: int, clients: int, duration_s: float) -> int:
+async def _closed_loop(url: str, steps: int, clients: int,
+                       duration_s: float) -> tuple[int, dict]:
     import httpx
 
-    done = 0
+    done, errors = 0, {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with AsyncClient(url, limits=limits, timeout=120) as ac:
         stop = time.monotonic() + duration_s
@@ -62,12 +63,15 @@ async def _closed_loop(url: str, steps: int, clients: int, duration_s: float) ->
             nonlocal done
             seed = i * 1_000_000
             while time.monotonic() < stop:
-                await ac.generate(steps=steps, seed=seed)
+                try:
+                    await ac.generate(steps=steps, seed=seed)
+                    done += 1
+                except HalfstepError as exc:  # 503/504 under overload: count, keep going
+                    errors[exc.status] = errors.get(exc.status, 0) + 1
                 seed += 1
-                done += 1
 
         await asyncio.gather(*(worker(i) for i in range(clients)))
-    return done
+    return done, errors
 
 
 def http_numbers(url: str, steps: int, clients: int = 32, repeats: int = 30,
@@ -77,9 +81,9 @@ def http_numbers(url: str, steps: int, clients: int = 32, repeats: int = 30,
         c.generate(steps=steps, seed=0)
         p50 = statistics.median(_timed(lambda: c.generate(steps=steps, seed=1), repeats))
     t0 = time.perf_counter()
-    images = asyncio.run(_closed_loop(url, steps, clients, duration_s))
+    images, errors = asyncio.run(_closed_loop(url, steps, clients, duration_s))
     return {"http_p50_s": p50, "http_images_per_s": images / (time.perf_counter() - t0),
-            "clients": clients}
+            "clients": clients, "http_errors_by_status": errors}
 
 
 def measure(bundle_dir: str, backend: str = "torch", steps: int = 4, max_batch: int = 32,
