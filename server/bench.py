@@ -137,7 +137,8 @@ def _auth(key: str | None) -> dict:
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor(),
             "device": bench_floor.device_name(), "torch": torch.__version__,
-            "cpus": torch.get_num_threads(), "load_average": _loadavg()}
+            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_average": _loadavg()}
 
 
 def _loadavg() -> list[float] | None:
