@@ -132,6 +132,21 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _add_copy_bundle(sub) -> None:
+    p = sub.add_parser("copy-bundle", help="copy a bundle, keeping only some students")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--students", type=_int_list, default=None, help="e.g. 1,2,4,8,16")
+    p.set_defaults(func=cmd_copy_bundle)
+
+
+def cmd_copy_bundle(args) -> int:
+    from halfstep.distill.bundle import copy_bundle
+
+    print(f"wrote {copy_bundle(args.src, args.dst, args.students)}")
+    return 0
+
+
 # Later stages register their own subcommands: each module has `register(subparsers)`.
 PLUGIN_MODULES = (
     "halfstep.export.cli",
@@ -152,7 +167,7 @@ def _plugins():
                 raise
 
 
-SUBCOMMANDS = [_add_train, _add_distill, _add_sample]
+SUBCOMMANDS = [_add_train, _add_distill, _add_sample, _add_copy_bundle]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,3 +110,15 @@ def test_replacing_a_student_keeps_one_entry(tmp_path):
     add_student(root, 2, tiny_denoiser(5).unet.state_dict(), {"note": "again"})
     b = Bundle(root)
     assert b.student_steps == [2] and b.manifest["students"][0]["note"] == "again"
+
+
+def test_copy_bundle_keeps_chosen_students(tiny_bundle_dir, tmp_path):
+    from halfstep.distill.bundle import copy_bundle
+
+    dst = copy_bundle(tiny_bundle_dir, tmp_path / "small", students=[1, 4])
+    b = Bundle(dst)
+    assert b.student_steps == [1, 4] and not (dst / "student-2.safetensors").exists()
+    with pytest.raises(BundleError, match="already holds a bundle"):
+        copy_bundle(tiny_bundle_dir, dst)
+    with pytest.raises(BundleError, match=r"no students \[3\]"):
+        copy_bundle(tiny_bundle_dir, tmp_path / "other", students=[3])
