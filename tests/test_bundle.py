@@ -122,3 +122,8 @@ def test_copy_bundle_keeps_chosen_students(tiny_bundle_dir, tmp_path):
         copy_bundle(tiny_bundle_dir, dst)
     with pytest.raises(BundleError, match=r"no students \[3\]"):
         copy_bundle(tiny_bundle_dir, tmp_path / "other", students=[3])
+
+
+def test_written_files_are_world_readable(tiny_bundle_dir):
+    for path in tiny_bundle_dir.iterdir():
+        assert path.stat().st_mode & 0o044 == 0o044, path
