@@ -1,4 +1,4 @@
-"""Bundles: a directory with bundle.json and safetensors weights (docs/ARCHITECTURE.md, interface 2).
+"""Bundles: bundle.json plus safetensors weights (docs/ARCHITECTURE.md, interface 2).
 
 bundle.json is self-describing: format version, image shape, label count, schedule,
 parameterization, time-input mapping, the teacher and every student with its sha256, the
@@ -33,8 +33,14 @@ def student_file(steps: int) -> str:
     return f"student-{steps}.safetensors"
 
 
-def new_manifest(name: str, config: ModelConfig, teacher_sha: str, default_steps: int,
-                 max_steps: int, configs: dict) -> dict:
+def new_manifest(
+    name: str,
+    config: ModelConfig,
+    teacher_sha: str,
+    default_steps: int,
+    max_steps: int,
+    configs: dict,
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -45,22 +51,33 @@ def new_manifest(name: str, config: ModelConfig, teacher_sha: str, default_steps
         "time_input": config.time_input,
         "time_grid": "t_i = i/N, i = N..1; DDIM, x_hat clipped to [-1, 1]; last step returns x_hat",
         "model": config.to_dict(),
-        "teacher": {"file": TEACHER_FILE, "sha256": teacher_sha,
-                    "default_steps": default_steps, "max_steps": max_steps},
+        "teacher": {
+            "file": TEACHER_FILE,
+            "sha256": teacher_sha,
+            "default_steps": default_steps,
+            "max_steps": max_steps,
+        },
         "students": [],
         "configs": configs,
         "exports": [],
     }
 
 
-def create_bundle(root: str | os.PathLike, name: str, config: ModelConfig,
-                  teacher_state: dict[str, torch.Tensor], default_steps: int, max_steps: int,
-                  configs: dict) -> Path:
+def create_bundle(
+    root: str | os.PathLike,
+    name: str,
+    config: ModelConfig,
+    teacher_state: dict[str, torch.Tensor],
+    default_steps: int,
+    max_steps: int,
+    configs: dict,
+) -> Path:
     """Write the teacher weights, then the manifest (so the manifest never names a missing file)."""
     root = Path(root)
     sha = atomic_save_safetensors(teacher_state, root / TEACHER_FILE)
-    atomic_write_json(root / MANIFEST,
-                      new_manifest(name, config, sha, default_steps, max_steps, configs))
+    atomic_write_json(
+        root / MANIFEST, new_manifest(name, config, sha, default_steps, max_steps, configs)
+    )
     return root
 
 
@@ -88,8 +105,9 @@ def update_manifest(root: str | os.PathLike, update) -> dict:
     return manifest
 
 
-def add_student(root: str | os.PathLike, steps: int, state: dict[str, torch.Tensor],
-                info: dict[str, Any]) -> None:
+def add_student(
+    root: str | os.PathLike, steps: int, state: dict[str, torch.Tensor], info: dict[str, Any]
+) -> None:
     """Write student-N weights, then record them (replacing an older student-N entry)."""
     sha = atomic_save_safetensors(state, Path(root) / student_file(steps))
     entry = {"steps": steps, "file": student_file(steps), "sha256": sha, **info}
@@ -211,8 +229,9 @@ class Bundle:
         return self._denoisers[key]
 
 
-def copy_bundle(src: str | os.PathLike, dst: str | os.PathLike,
-                students: list[int] | None = None) -> Path:
+def copy_bundle(
+    src: str | os.PathLike, dst: str | os.PathLike, students: list[int] | None = None
+) -> Path:
     """Copy a verified bundle, keeping only the listed students (all when None).
 
     Used to ship a smaller bundle (e.g. the embedded one) without retraining. Exports are not

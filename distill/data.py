@@ -61,7 +61,9 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     header = 4 + 4 * expected_dims
     dims = struct.unpack(f">{expected_dims}I", raw[4:header])
     if len(raw) - header != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: header says {dims}, payload has {len(raw) - header} bytes")
+        raise DataError(
+            f"{path} is truncated: header says {dims}, payload has {len(raw) - header} bytes"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 

@@ -80,7 +80,7 @@ def build_unet(config: ModelConfig) -> UNet2DModel:
 
 
 class Denoiser(nn.Module):
-    """x_hat = denoiser(z, t, labels) for any parameterization (edm EDMPrecond, k-diffusion VDenoiser)."""
+    """x_hat = denoiser(z, t, labels) for any parameterization (cf. edm EDMPrecond)."""
 
     def __init__(self, config: ModelConfig, unet: UNet2DModel | None = None) -> None:
         super().__init__()

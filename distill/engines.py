@@ -51,14 +51,18 @@ class Engine(ABC):
         self.bundle.check_steps(model, steps)
         shape = tuple(self.bundle.image_shape)
         if noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
-            raise EngineError(f"noise must be [B, {', '.join(map(str, shape))}], got {tuple(noise.shape)}")
+            raise EngineError(
+                f"noise must be [B, {', '.join(map(str, shape))}], got {tuple(noise.shape)}"
+            )
         if labels.shape != (noise.shape[0],):
             raise EngineError(f"labels must be [B={noise.shape[0]}], got {tuple(labels.shape)}")
         k = self.bundle.num_labels
         if labels.numel() and (labels.min() < 0 or labels.max() > k):
             raise EngineError(f"labels must be in 0..{k} ({k} = unconditional)")
 
-    def run(self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def run(
+        self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """Pad to a bucket, sample, and return exactly B images."""
         self.check_inputs(model, steps, noise, labels)
         n = noise.shape[0]
@@ -73,7 +77,9 @@ class Engine(ABC):
         return images[:n]
 
     @abstractmethod
-    def _run(self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _run(
+        self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """Sample a bucket-sized batch; float32 CPU images in [-1, 1]."""
 
     def warmup(self, keys: list[tuple[str, int]] | None = None) -> dict:
@@ -95,8 +101,12 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu",
-                 buckets: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        buckets: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__(bundle, buckets)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -104,5 +114,7 @@ class TorchEngine(Engine):
 
     def _run(self, model, steps, noise, labels):
         den = self.bundle.denoiser(model, steps if model == "student" else None).to(self.device)
-        images = ddim_sample(den, noise.to(self.device), labels.to(self.device), steps, den.schedule)
+        images = ddim_sample(
+            den, noise.to(self.device), labels.to(self.device), steps, den.schedule
+        )
         return images.float().cpu()

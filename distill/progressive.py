@@ -59,8 +59,13 @@ class DistillConfig:
 
 
 @torch.no_grad()
-def distillation_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor,
-                        labels: torch.Tensor | None, n_student: int) -> torch.Tensor:
+def distillation_target(
+    teacher: Denoiser,
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    n_student: int,
+) -> torch.Tensor:
     """x_tgt such that one student DDIM step t -> t'' lands on two teacher steps (float64).
 
     z_t and t are float64; the teacher runs in its own dtype, its x_hat is NOT clipped.
@@ -81,10 +86,17 @@ def distillation_target(teacher: Denoiser, z_t: torch.Tensor, t: torch.Tensor,
     return torch.where(last, xh_1, x_tgt)  # last step: the teacher's final x_hat
 
 
-def distillation_loss(student: Denoiser, teacher: Denoiser, loss_fn: WeightedXLoss,
-                      x: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor | None,
-                      i: torch.Tensor, n_student: int) -> torch.Tensor:
-    """One Algorithm 2 loss: t = i/N, z_t = alpha_t x + sigma_t eps, w(lambda_t)||x_tgt - x_hat||^2."""
+def distillation_loss(
+    student: Denoiser,
+    teacher: Denoiser,
+    loss_fn: WeightedXLoss,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    labels: torch.Tensor | None,
+    i: torch.Tensor,
+    n_student: int,
+) -> torch.Tensor:
+    """Algorithm 2 loss: t = i/N, z_t = alpha_t x + sigma_t eps, w(lambda_t)||x_tgt - x_hat||^2."""
     t = i.double() / n_student
     alpha, sigma = student.schedule.alpha_sigma(t)
     z_t = alpha.view(-1, 1, 1, 1) * x.double() + sigma.view(-1, 1, 1, 1) * eps.double()
@@ -110,8 +122,14 @@ def probe_gap(student: Denoiser, teacher: Denoiser, n_student: int, size: int) -
     return float((a - b).abs().mean() * 127.5)
 
 
-def distill_round(teacher: Denoiser, dataset: ImageDataset, n_student: int, cfg: DistillConfig,
-                  loss_fn: WeightedXLoss, progress: bool = True) -> tuple[Denoiser, dict]:
+def distill_round(
+    teacher: Denoiser,
+    dataset: ImageDataset,
+    n_student: int,
+    cfg: DistillConfig,
+    loss_fn: WeightedXLoss,
+    progress: bool = True,
+) -> tuple[Denoiser, dict]:
     """Train an N-step student from a 2N-step teacher; returns it and the round's metrics."""
     student = copy.deepcopy(teacher).requires_grad_(True)
     disable_dropout(student)
@@ -120,8 +138,12 @@ def distill_round(teacher: Denoiser, dataset: ImageDataset, n_student: int, cfg:
     gap_start = probe_gap(student, teacher, n_student, cfg.probe_size)
     started, losses = time.perf_counter(), []
     K = cfg.iters_per_round
-    bar = tqdm(range(K), desc=f"{2 * n_student}->{n_student} steps", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(K),
+        desc=f"{2 * n_student}->{n_student} steps",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for k in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n_student * 100_003 + k)
         idx = torch.randint(len(dataset), (cfg.batch_size,), generator=g)
@@ -166,18 +188,32 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
         raise BundleError(f"{out} already holds a bundle; pass --resume or choose another --out")
     else:
         configs = {"train": train_cfg.to_dict(), "distill": asdict(cfg)}
-        create_bundle(out, cfg.name or out.name, teacher.config, teacher.unet.state_dict(),
-                      cfg.from_steps, cfg.teacher_max_steps, configs)
+        create_bundle(
+            out,
+            cfg.name or out.name,
+            teacher.config,
+            teacher.unet.state_dict(),
+            cfg.from_steps,
+            cfg.teacher_max_steps,
+            configs,
+        )
     loss_fn = WeightedXLoss(train_cfg.weighting)
     for n in cfg.round_steps():
         if n in done:
             continue
         student, metrics = distill_round(teacher, dataset, n, cfg, loss_fn, progress)
-        add_student(out, n, student.unet.state_dict(),
-                    {"distilled_from": 2 * n, "iters": cfg.iters_per_round, "metrics": metrics})
-        print(f"round {2 * n}->{n}: loss {metrics['loss_last_50']:.5f}, {metrics['wall_s']} s, "
-              f"gap to teacher {metrics['gap_to_teacher_start']} -> "
-              f"{metrics['gap_to_teacher_end']} (mean |pixel diff|, 0..255)", flush=True)
+        add_student(
+            out,
+            n,
+            student.unet.state_dict(),
+            {"distilled_from": 2 * n, "iters": cfg.iters_per_round, "metrics": metrics},
+        )
+        print(
+            f"round {2 * n}->{n}: loss {metrics['loss_last_50']:.5f}, {metrics['wall_s']} s, "
+            f"gap to teacher {metrics['gap_to_teacher_start']} -> "
+            f"{metrics['gap_to_teacher_end']} (mean |pixel diff|, 0..255)",
+            flush=True,
+        )
         teacher = student
     read_manifest(out)  # the finished manifest parses
     return out

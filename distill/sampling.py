@@ -94,7 +94,6 @@ def noise_for_seeds(seeds: list[int], shape: tuple[int, ...], device="cpu") -> t
     Noise is drawn on the CPU and moved, so CPU and GPU engines see the same z_1 for a seed.
     """
     rows = [
-        torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
-        for seed in seeds
+        torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds
     ]
     return torch.stack(rows).to(device)

@@ -132,14 +132,19 @@ def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, Denoiser]:
     return cfg, teacher.eval()
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
-          reset_ema: bool = False) -> Path:
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, reset_ema: bool = False
+) -> Path:
     """Train a teacher; returns the run directory (config.json, ema.safetensors, checkpoint)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     rank, world = _dist_info()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} must divide evenly over {world} processes")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     dataset = load_dataset(cfg.data)
     if dataset.image_shape != cfg.model.image_shape:
         raise ValueError(f"data shape {dataset.image_shape} != model shape {cfg.model.image_shape}")
@@ -161,14 +166,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / CONFIG, cfg.to_dict())
-        print(f"training {parameter_count(model) / 1e6:.2f} M parameters on {dataset.name} "
-              f"({len(dataset)} images), {world} process(es), device {device}, from step {step}")
+        print(
+            f"training {parameter_count(model) / 1e6:.2f} M parameters on {dataset.name} "
+            f"({len(dataset)} images), {world} process(es), device {device}, from step {step}"
+        )
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     loss_fn = WeightedXLoss(cfg.weighting)
     per_rank = cfg.batch_size // world
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, disable=not progress or rank != 0, dynamic_ncols=True
+    )
     started, start_step = time.perf_counter(), step
     while step < cfg.max_steps:
         idx, t, eps, drop = draw_global_batch(cfg, step, dataset)
@@ -176,8 +187,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         x, labels = dataset.batch(idx[part])
         labels = torch.where(drop[part], cfg.model.num_labels, labels)
         model.train()
-        loss = training_loss(net, loss_fn, model.schedule, x.to(device), labels.to(device),
-                             t[part].to(device), eps[part].to(device))
+        loss = training_loss(
+            net,
+            loss_fn,
+            model.schedule,
+            x.to(device),
+            labels.to(device),
+            t[part].to(device),
+            eps[part].to(device),
+        )
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         opt.zero_grad(set_to_none=True)
@@ -199,7 +217,15 @@ def save_checkpoint(out: Path, model, ema, opt, step: int, cfg: TrainConfig) -> 
     """EMA weights first (the teacher), then the resumable state, then a sample grid."""
     atomic_save_safetensors(ema.unet.state_dict(), out / EMA_WEIGHTS)
     atomic_torch_save(
-        {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-         "step": step}, out / CHECKPOINT)
-    atomic_write_bytes(out / f"samples-{step:06d}.png", sample_grid(ema.to("cpu"), min(cfg.sample_steps, 64)))
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+        },
+        out / CHECKPOINT,
+    )
+    atomic_write_bytes(
+        out / f"samples-{step:06d}.png", sample_grid(ema.to("cpu"), min(cfg.sample_steps, 64))
+    )
     ema.to(next(model.parameters()).device)

@@ -20,7 +20,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
@@ -39,8 +41,11 @@ def _add_train(sub) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--reset-ema", action="store_true",
-                   help="with --resume: restart the EMA from the current weights")
+    p.add_argument(
+        "--reset-ema",
+        action="store_true",
+        help="with --resume: restart the EMA from the current weights",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -51,9 +56,17 @@ def cmd_train(args) -> int:
     init_distributed_from_env()
     dataset = load_dataset(args.data)
     cfg = TrainConfig.from_preset(
-        args.preset, absolute_spec(args.data), args.out, dataset.image_shape, dataset.num_labels,
-        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, weighting=args.weighting,
+        args.preset,
+        absolute_spec(args.data),
+        args.out,
+        dataset.image_shape,
+        dataset.num_labels,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        weighting=args.weighting,
     )
     if args.parameterization:
         cfg.model.parameterization = args.parameterization
@@ -87,9 +100,16 @@ def cmd_distill(args) -> int:
     from halfstep.distill.progressive import DistillConfig, distill_run
 
     cfg = DistillConfig(
-        teacher=args.teacher, out=args.out, from_steps=args.from_steps, to_steps=args.to_steps,
-        iters_per_round=args.iters_per_round, batch_size=args.batch_size, lr=args.lr,
-        data=absolute_spec(args.data) if args.data else None, name=args.name, seed=args.seed,
+        teacher=args.teacher,
+        out=args.out,
+        from_steps=args.from_steps,
+        to_steps=args.to_steps,
+        iters_per_round=args.iters_per_round,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        data=absolute_spec(args.data) if args.data else None,
+        name=args.name,
+        seed=args.seed,
     )
     distill_run(cfg, resume=args.resume)
     return 0
@@ -126,8 +146,16 @@ def cmd_sample(args) -> int:
 
     bundle = load_bundle(args.bundle)
     engine = None if args.sampler == "ancestral" else make_engine(bundle, args.backend)
-    images = sample_images(bundle, args.steps, n=args.n, seed=args.seed, label=args.label,
-                           model=args.model, sampler=args.sampler, engine=engine)
+    images = sample_images(
+        bundle,
+        args.steps,
+        n=args.n,
+        seed=args.seed,
+        label=args.label,
+        model=args.model,
+        sampler=args.sampler,
+        engine=engine,
+    )
     print(f"wrote {write_grid(images, args.out)}")
     return 0
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from halfstep.distill.bundle import Bundle, add_student, create_bundle
 from halfstep.distill.denoiser import Denoiser, ModelConfig
 
@@ -16,13 +15,23 @@ from halfstep.distill.denoiser import Denoiser, ModelConfig
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-MNIST_DIR = Path(os.environ.get("HALFSTEP_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+MNIST_DIR = Path(
+    os.environ.get(
+        "HALFSTEP_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    )
+)
 TINY_STUDENT_STEPS = (1, 2, 4, 8)
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    base = dict(image_size=28, channels=1, num_labels=10, block_out_channels=(8, 16),
-                layers_per_block=1, norm_num_groups=8)
+    base = dict(
+        image_size=28,
+        channels=1,
+        num_labels=10,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
     return ModelConfig(**{**base, **overrides})
 
 
@@ -34,8 +43,15 @@ def tiny_denoiser(seed: int = 0, **overrides) -> Denoiser:
 def build_tiny_bundle(root: Path, steps=TINY_STUDENT_STEPS, name: str = "tiny") -> Path:
     """A bundle of randomly initialised tiny networks (one per student): fast, fully valid."""
     teacher = tiny_denoiser(0)
-    create_bundle(root, name, teacher.config, teacher.unet.state_dict(), default_steps=16,
-                  max_steps=64, configs={"note": "random weights for tests"})
+    create_bundle(
+        root,
+        name,
+        teacher.config,
+        teacher.unet.state_dict(),
+        default_steps=16,
+        max_steps=64,
+        configs={"note": "random weights for tests"},
+    )
     for i, n in enumerate(steps):
         add_student(root, n, tiny_denoiser(i + 1).unet.state_dict(), {"distilled_from": 2 * n})
     return root

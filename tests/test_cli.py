@@ -1,4 +1,4 @@
-"""The README's pipeline end to end on real MNIST: train -> distill -> sample, with --preset tiny."""
+"""The README's pipeline end to end on real MNIST: train -> distill -> sample (--preset tiny)."""
 
 import json
 import subprocess
@@ -10,8 +10,12 @@ from halfstep.cli import build_parser, main
 
 
 def halfstep(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "halfstep", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "halfstep", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"halfstep {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
     return proc
@@ -26,27 +30,78 @@ def test_help_lists_subcommands():
 @pytest.mark.slow
 def test_tiny_pipeline_on_mnist(mnist_dir, tmp_path):
     run, bundle = tmp_path / "run", tmp_path / "bundle"
-    halfstep("train", "--data", f"mnist:{mnist_dir}", "--out", run, "--preset", "tiny",
-             "--max-steps", 12, "--checkpoint-every", 6, "--batch-size", 16)
+    halfstep(
+        "train",
+        "--data",
+        f"mnist:{mnist_dir}",
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--max-steps",
+        12,
+        "--checkpoint-every",
+        6,
+        "--batch-size",
+        16,
+    )
     assert (run / "ema.safetensors").is_file() and (run / "samples-000012.png").is_file()
     config = json.loads((run / "config.json").read_text())
     assert config["max_steps"] == 12 and config["model"]["parameterization"] == "v"
     # Resume continues from the checkpoint instead of starting over.
-    out = halfstep("train", "--data", f"mnist:{mnist_dir}", "--out", run, "--preset", "tiny",
-                   "--max-steps", 14, "--batch-size", 16, "--resume")
+    out = halfstep(
+        "train",
+        "--data",
+        f"mnist:{mnist_dir}",
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--max-steps",
+        14,
+        "--batch-size",
+        16,
+        "--resume",
+    )
     assert "from step 12" in out.stdout
-    out = halfstep("distill", "--teacher", run, "--out", bundle, "--from-steps", 4,
-                   "--iters-per-round", 3, "--batch-size", 8)
+    out = halfstep(
+        "distill",
+        "--teacher",
+        run,
+        "--out",
+        bundle,
+        "--from-steps",
+        4,
+        "--iters-per-round",
+        3,
+        "--batch-size",
+        8,
+    )
     assert "round 4->2" in out.stdout and "round 2->1" in out.stdout
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert [s["steps"] for s in manifest["students"]] == [1, 2]
     assert manifest["teacher"]["default_steps"] == 4
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    halfstep("sample", "--bundle", bundle, "--steps", 2, "--n", 4, "--seed", 7, "--label", 3, "--out", a)
-    halfstep("sample", "--bundle", bundle, "--steps", 2, "--n", 4, "--seed", 7, "--label", 3, "--out", b)
+    halfstep(
+        "sample", "--bundle", bundle, "--steps", 2, "--n", 4, "--seed", 7, "--label", 3, "--out", a
+    )
+    halfstep(
+        "sample", "--bundle", bundle, "--steps", 2, "--n", 4, "--seed", 7, "--label", 3, "--out", b
+    )
     assert a.read_bytes() == b.read_bytes() and a.read_bytes()[:4] == b"\x89PNG"
-    halfstep("sample", "--bundle", bundle, "--steps", 3, "--model", "teacher", "--sampler",
-             "ancestral", "--out", tmp_path / "c.png")
+    halfstep(
+        "sample",
+        "--bundle",
+        bundle,
+        "--steps",
+        3,
+        "--model",
+        "teacher",
+        "--sampler",
+        "ancestral",
+        "--out",
+        tmp_path / "c.png",
+    )
     # An existing bundle is not overwritten; --resume with every round done is a no-op.
     again = halfstep("distill", "--teacher", run, "--out", bundle, "--from-steps", 4, check=False)
     assert again.returncode == 2 and "--resume" in again.stderr
@@ -55,16 +110,34 @@ def test_tiny_pipeline_on_mnist(mnist_dir, tmp_path):
 
 def test_user_errors_are_one_line(tiny_bundle_dir, tmp_path, capsys):
     cases = [
-        (["sample", "--bundle", tiny_bundle_dir, "--steps", 3, "--out", tmp_path / "x.png"],
-         "available: 1, 2, 4, 8"),
-        (["sample", "--bundle", tmp_path, "--steps", 1, "--out", tmp_path / "x.png"],
-         "not a halfstep bundle"),
-        (["sample", "--bundle", tiny_bundle_dir, "--steps", 1, "--label", 10, "--out",
-          tmp_path / "x.png"], "label must be in 0..9"),
+        (
+            ["sample", "--bundle", tiny_bundle_dir, "--steps", 3, "--out", tmp_path / "x.png"],
+            "available: 1, 2, 4, 8",
+        ),
+        (
+            ["sample", "--bundle", tmp_path, "--steps", 1, "--out", tmp_path / "x.png"],
+            "not a halfstep bundle",
+        ),
+        (
+            [
+                "sample",
+                "--bundle",
+                tiny_bundle_dir,
+                "--steps",
+                1,
+                "--label",
+                10,
+                "--out",
+                tmp_path / "x.png",
+            ],
+            "label must be in 0..9",
+        ),
         (["train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r"], "missing MNIST file"),
         (["distill", "--teacher", tmp_path, "--out", tmp_path / "b"], "training run"),
-        (["distill", "--teacher", tmp_path, "--out", tmp_path / "b", "--from-steps", 6],
-         "power of two"),
+        (
+            ["distill", "--teacher", tmp_path, "--out", tmp_path / "b", "--from-steps", 6],
+            "power of two",
+        ),
     ]
     for argv, message in cases:
         assert main([str(a) for a in argv]) == 2

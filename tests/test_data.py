@@ -3,9 +3,8 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
-
 from halfstep.distill.data import DataError, load_dataset, load_folder, load_mnist
+from PIL import Image
 
 
 def test_mnist_loads_real_files(mnist_dir):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from halfstep.distill.data import synthetic_dataset
 from halfstep.distill.losses import WeightedXLoss
 from halfstep.distill.progressive import (
@@ -12,6 +11,7 @@ from halfstep.distill.progressive import (
     probe_gap,
 )
 from halfstep.distill.sampling import ddim_step
+
 from tests.conftest import tiny_denoiser
 
 
@@ -21,7 +21,9 @@ def _two_teacher_steps(teacher, z_t, t, labels, n):
     out, ts = z_t, [t, t - 0.5 / n, t - 1.0 / n]
     for a, b in zip(ts[:-1], ts[1:]):
         xh = teacher(out, a, labels)
-        (a_a, s_a), (a_b, s_b) = ([v.view(-1, 1, 1, 1) for v in sched.alpha_sigma(x)] for x in (a, b))
+        (a_a, s_a), (a_b, s_b) = (
+            [v.view(-1, 1, 1, 1) for v in sched.alpha_sigma(x)] for x in (a, b)
+        )
         out = ddim_step(out, xh, a_a, s_a, a_b, s_b)
     return out, xh
 
@@ -38,10 +40,11 @@ def test_one_student_step_with_x_tgt_lands_on_two_teacher_steps(n_student):
     x_tgt = distillation_target(teacher, z_t, t, labels, n_student)
     z_2, xh_last = _two_teacher_steps(teacher, z_t, t, labels, n_student)
     sched = teacher.schedule
-    (a_t, s_t), (a_2, s_2) = ([v.view(-1, 1, 1, 1) for v in sched.alpha_sigma(x)]
-                              for x in (t, t - 1.0 / n_student))
+    (a_t, s_t), (a_2, s_2) = (
+        [v.view(-1, 1, 1, 1) for v in sched.alpha_sigma(x)] for x in (t, t - 1.0 / n_student)
+    )
     student_step = ddim_step(z_t, x_tgt, a_t, s_t, a_2, s_2)
-    last = (i == 1)
+    last = i == 1
     # Non-final steps: the identity holds to 1e-10 in float64.
     if (~last).any():
         assert (student_step[~last] - z_2[~last]).abs().max() < 1e-10
@@ -55,8 +58,15 @@ def test_distillation_makes_student_match_teacher():
     torch.manual_seed(0)
     data = synthetic_dataset(256)
     teacher = tiny_denoiser()
-    cfg = DistillConfig(teacher="unused", out="unused", from_steps=4, to_steps=1,
-                        iters_per_round=40, batch_size=16, lr=2e-3)
+    cfg = DistillConfig(
+        teacher="unused",
+        out="unused",
+        from_steps=4,
+        to_steps=1,
+        iters_per_round=40,
+        batch_size=16,
+        lr=2e-3,
+    )
     loss_fn = WeightedXLoss("snr_trunc")
     student2, m2 = distill_round(teacher, data, 2, cfg, loss_fn, progress=False)
     student1, m1 = distill_round(student2, data, 1, cfg, loss_fn, progress=False)

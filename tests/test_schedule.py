@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from halfstep.distill.schedule import CosineSchedule, time_grid
 
 

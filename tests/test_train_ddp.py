@@ -11,14 +11,35 @@ from safetensors.torch import load_file
 
 def _train(tmp_path, name, nproc):
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_port", str(29500 + nproc + os.getpid() % 1000), "-m", "halfstep", "train",
-           "--data", "synthetic:64", "--out", str(out), "--preset", "tiny",
-           "--max-steps", "3", "--checkpoint-every", "3", "--batch-size", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(29500 + nproc + os.getpid() % 1000),
+        "-m",
+        "halfstep",
+        "train",
+        "--data",
+        "synthetic:64",
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--batch-size",
+        "8",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out / "checkpoint.pt", weights_only=True)["model"], load_file(out / "ema.safetensors")
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"], load_file(
+        out / "ema.safetensors"
+    )
 
 
 @pytest.mark.slow
