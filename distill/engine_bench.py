@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from halfstep.distill.cli_args import positive_ints
 
 from .bundle import Bundle, add_student, create_bundle
 from .denoiser import Denoiser, ModelConfig
@@ -159,16 +160,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     default_backends = "torch,cudagraph" if torch.cuda.is_available() else "torch"
     p = argparse.ArgumentParser(prog="python -m halfstep.distill.engine_bench",
@@ -176,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", help="bundle directory (default: random MNIST-sized weights)")
     p.add_argument("--json", help="write rows, targets and warm-up reports here")
     p.add_argument("--backends", default=default_backends, help=f"from {', '.join(BACKENDS)}")
-    p.add_argument("--steps", type=_ints, default=[1, 2, 4, 8], help="student steps")
-    p.add_argument("--batches", type=_ints, default=[1, 8, 64])
+    p.add_argument("--steps", type=positive_ints, default=[1, 2, 4, 8], help="student steps")
+    p.add_argument("--batches", type=positive_ints, default=[1, 8, 64])
     p.add_argument("--teacher-steps", type=int, default=256, help="0 to skip the teacher")
-    p.add_argument("--teacher-batches", type=_ints, default=[1])
+    p.add_argument("--teacher-batches", type=positive_ints, default=[1])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32", help="cudagraph dtype: float32|float16|bfloat16")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

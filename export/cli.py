@@ -5,25 +5,14 @@ Thin layer over `export.onnx.export_onnx` and `export.tensorrt.export_tensorrt`.
 
 from __future__ import annotations
 
-import argparse
-
-
-def _steps(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one step count")
-    return values
+from halfstep.distill.cli_args import positive_ints
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a bundle's students to ONNX or TensorRT")
     p.add_argument("--bundle", required=True, help="bundle directory (files are added to it)")
     p.add_argument("--format", required=True, choices=("onnx", "tensorrt"))
-    p.add_argument("--steps", type=_steps, default=None,
+    p.add_argument("--steps", type=positive_ints, default=None,
                    help="students to export, e.g. 1,2,4,8 (default: all)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="largest batch the engine accepts (TensorRT profile max)")

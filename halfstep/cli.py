@@ -10,22 +10,11 @@ import argparse
 import sys
 
 from halfstep import __version__
+from halfstep.distill.cli_args import positive_ints
 
 
 class UsageError(Exception):
     """A user mistake: printed as one line, exit status 2."""
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def _add_train(sub) -> None:
@@ -164,7 +153,7 @@ def _add_copy_bundle(sub) -> None:
     p = sub.add_parser("copy-bundle", help="copy a bundle, keeping only some students")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--students", type=_int_list, default=None, help="e.g. 1,2,4,8,16")
+    p.add_argument("--students", type=positive_ints, default=None, help="e.g. 1,2,4,8,16")
     p.set_defaults(func=cmd_copy_bundle)
 
 

@@ -5,37 +5,48 @@ Registered by halfstep/cli.py as a plugin; heavy imports stay inside the handler
 
 from __future__ import annotations
 
-import argparse
-
-
-def _steps(text: str) -> list[int]:
-    """Comma-separated positive integers; an empty string means no rows of that kind."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        msg = f"expected comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if values and min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+from halfstep.distill.cli_args import positive_ints_or_empty
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="FID, classifier Frechet distance and label accuracy: students vs teacher")
+        "eval", help="FID, classifier Frechet distance and label accuracy: students vs teacher"
+    )
     p.add_argument("--bundle", required=True, help="bundle directory")
     p.add_argument("--data", required=True, help="mnist:DIR (reference = the MNIST test set)")
-    p.add_argument("--steps", type=_steps, default=[1, 2, 4, 8, 16], help="student step counts")
-    p.add_argument("--teacher-steps", type=_steps, default=[2, 4, 8, 16, 32, 64, 128, 256],
-                   help="teacher DDIM step counts")
-    p.add_argument("--dpm-steps", type=_steps, default=[2, 4, 8, 16],
-                   help="teacher DPM-Solver++ step counts (empty: none)")
-    p.add_argument("--samples", type=int, default=2000,
-                   help="N images per row, labels i %% 10 (a multiple of 10)")
-    p.add_argument("--fid-samples", type=int, default=None,
-                   help="FID on the first M of the N images of every row (default: N)")
-    p.add_argument("--fid-ref-samples", type=int, default=10000,
-                   help="test images in the FID reference statistics (cached)")
+    p.add_argument(
+        "--steps", type=positive_ints_or_empty, default=[1, 2, 4, 8, 16], help="student step counts"
+    )
+    p.add_argument(
+        "--teacher-steps",
+        type=positive_ints_or_empty,
+        default=[2, 4, 8, 16, 32, 64, 128, 256],
+        help="teacher DDIM step counts",
+    )
+    p.add_argument(
+        "--dpm-steps",
+        type=positive_ints_or_empty,
+        default=[2, 4, 8, 16],
+        help="teacher DPM-Solver++ step counts (empty: none)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=2000,
+        help="N images per row, labels i %% 10 (a multiple of 10)",
+    )
+    p.add_argument(
+        "--fid-samples",
+        type=int,
+        default=None,
+        help="FID on the first M of the N images of every row (default: N)",
+    )
+    p.add_argument(
+        "--fid-ref-samples",
+        type=int,
+        default=10000,
+        help="test images in the FID reference statistics (cached)",
+    )
     p.add_argument("--no-fid", action="store_true", help="skip FID (Inception is slow on CPU)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i in every row")
@@ -43,13 +54,22 @@ def register(subparsers) -> None:
     p.add_argument("--json", default=None, help="write the results and targets here")
     p.add_argument("--plot", default=None, help="write the quality-vs-steps PNG here")
     p.add_argument("--grids", default=None, help="write one sample grid per step count here")
-    p.add_argument("--cache-dir", default=None,
-                   help="classifier and reference statistics (default $HALFSTEP_CACHE or "
-                        "~/.cache/halfstep)")
-    p.add_argument("--classifier", default=None,
-                   help="classifier weights (.safetensors): loaded if present, else trained there")
-    p.add_argument("--classifier-steps", type=int, default=None,
-                   help="classifier training steps (default 1200; fewer only for quick checks)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="classifier and reference statistics (default $HALFSTEP_CACHE or ~/.cache/halfstep)",
+    )
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="classifier weights (.safetensors): loaded if present, else trained there",
+    )
+    p.add_argument(
+        "--classifier-steps",
+        type=int,
+        default=None,
+        help="classifier training steps (default 1200; fewer only for quick checks)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -61,14 +81,27 @@ def cmd_eval(args) -> int:
     from .evaluate import EvalConfig, evaluate
     from .report import check_targets, format_table, format_targets, plot, write_grids, write_json
 
-    clf = ClassifierConfig() if args.classifier_steps is None else ClassifierConfig(
-        steps=args.classifier_steps)
+    clf = (
+        ClassifierConfig()
+        if args.classifier_steps is None
+        else ClassifierConfig(steps=args.classifier_steps)
+    )
     config = EvalConfig(
-        bundle=args.bundle, data=args.data, steps=args.steps, teacher_steps=args.teacher_steps,
-        dpm_steps=args.dpm_steps, samples=args.samples, fid_samples=args.fid_samples,
-        fid=not args.no_fid, fid_ref_samples=args.fid_ref_samples, batch_size=args.batch_size,
-        seed=args.seed, cache_dir=args.cache_dir or "", classifier=args.classifier,
-        classifier_config=clf, progress=not args.quiet,
+        bundle=args.bundle,
+        data=args.data,
+        steps=args.steps,
+        teacher_steps=args.teacher_steps,
+        dpm_steps=args.dpm_steps,
+        samples=args.samples,
+        fid_samples=args.fid_samples,
+        fid=not args.no_fid,
+        fid_ref_samples=args.fid_ref_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        cache_dir=args.cache_dir or "",
+        classifier=args.classifier,
+        classifier_config=clf,
+        progress=not args.quiet,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     results = evaluate(config)
