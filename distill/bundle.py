@@ -214,14 +214,20 @@ class Bundle:
                 raise BundleError(f"bundle file {path} has wrong tensor names/shapes, e.g. {bad}")
 
     # -- models -----------------------------------------------------------------------
+    def _entry(self, model: str, steps: int | None) -> tuple[tuple[str, int], dict]:
+        if model == "teacher":
+            return ("teacher", 0), self.manifest["teacher"]
+        self.check_steps("student", steps)
+        return ("student", steps), next(s for s in self.manifest["students"]
+                                        if s["steps"] == steps)
+
+    def weights_sha256(self, model: str = "student", steps: int | None = None) -> str:
+        """The manifest's sha256 of the teacher's or a student's weights (verified on load)."""
+        return self._entry(model, steps)[1]["sha256"]
+
     def denoiser(self, model: str = "student", steps: int | None = None) -> Denoiser:
         """The teacher, or the student distilled to exactly `steps` steps, in eval mode."""
-        if model == "teacher":
-            key, entry = ("teacher", 0), self.manifest["teacher"]
-        else:
-            self.check_steps("student", steps)
-            key = ("student", steps)
-            entry = next(s for s in self.manifest["students"] if s["steps"] == steps)
+        key, entry = self._entry(model, steps)
         if key not in self._denoisers:
             den = Denoiser(self.config)
             den.unet.load_state_dict(load_file(self.path(entry["file"])))

@@ -20,7 +20,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,7 +38,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -48,9 +48,9 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
     """Save contiguous CPU tensors as safetensors atomically; returns the file's sha256."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(cpu, tmp))
+    atomic_write(Path(path), lambda tmp: save_file(cpu, tmp))
     return sha256_file(path)
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))

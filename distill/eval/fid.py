@@ -53,10 +53,14 @@ def inception_input(images: torch.Tensor) -> torch.Tensor:
 
 
 class InceptionFeatures:
-    """Callable images -> 2048-d float64 numpy features, in batches, under no_grad."""
+    """Callable images -> 2048-d float64 numpy features, in batches, under no_grad.
+
+    On CPU with a `cache_dir` and onnxruntime installed the network runs in ONNX Runtime
+    (fid_onnx.py, ~2x faster, parity-checked); otherwise TorchScript with channels-last input.
+    """
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 50) -> None:
+                 batch_size: int = 50, cache_dir: str | Path | None = None) -> None:
         path = path or inception_path()
         if path is None:
             raise FileNotFoundError(
@@ -66,12 +70,25 @@ class InceptionFeatures:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model = torch.jit.load(str(self.path), map_location=self.device).eval()
+        self.onnx = None
+        if cache_dir is not None and self.device.type == "cpu":
+            from .fid_onnx import load_onnx_inception
+
+            probe = inception_input(torch.linspace(-1, 1, 4 * 28 * 28).reshape(4, 1, 28, 28))
+            self.onnx = load_onnx_inception(self.model, self.path, cache_dir, probe)
+        self.backend = "onnxruntime" if self.onnx is not None else "torchscript"
+
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onnx is not None:
+            return self.onnx(x)
+        # channels-last makes oneDNN's convolutions ~1.5x faster on CPU (same features to 1e-5)
+        return self.model(x.contiguous(memory_format=torch.channels_last))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor):
         out = []
         for chunk in images.split(self.batch_size):
-            feats = self.model(inception_input(chunk.to(self.device)))
+            feats = self._network(inception_input(chunk.to(self.device)))
             if feats.ndim > 2:  # the package averages any spatial dims the same way
                 feats = feats.mean(dim=tuple(range(2, feats.ndim)))
             out.append(feats.double().cpu())
