@@ -86,8 +86,8 @@ class OrtEngine(Engine):
         self._teacher = TorchEngine(bundle, device=self.device)
 
     def _run(self, model, steps, noise, labels):
-        if model == "teacher":  # not exported: the torch engine serves it (documented)
-            return self._teacher._run(model, steps, noise, labels)
+        if model == "teacher":  # not exported: the torch engine serves it (documented), with
+            return self._teacher.run(model, steps, noise, labels)  # its own min_rows padding
         if self.device.type == "cuda":
             return self._cuda[steps].run(noise, labels)
         return run_session(self._sessions[steps], noise, labels)

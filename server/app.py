@@ -34,7 +34,7 @@ from .codec import (
     prepare,
 )
 from .metrics import Metrics
-from .settings import TORCH_MIN_BUCKET, Settings, batch_buckets
+from .settings import Settings, batch_buckets
 
 log = logging.getLogger("halfstep.server")
 STATIC = Path(__file__).parent / "static"
@@ -70,16 +70,15 @@ class ServerState:
             "name": b.name, "image_shape": list(b.image_shape), "num_labels": b.num_labels,
             "student_steps": b.student_steps, "teacher_default_steps": b.teacher_default_steps,
             "teacher_max_steps": b.teacher_max_steps, "backend": self.engine.name,
-            "batch_buckets": list(self.engine.buckets or []), "max_batch": self.max_batch,
-            "max_n": MAX_N,
+            "batch_buckets": self.engine.used_buckets() if self.engine.buckets else [],
+            "max_batch": self.max_batch, "max_n": MAX_N,
         }
 
 
 def build_engine(settings: Settings, bundle: Bundle) -> Engine:
     from halfstep.export.backends import make_engine
 
-    return make_engine(bundle, settings.backend,
-                       buckets=batch_buckets(settings.max_batch, TORCH_MIN_BUCKET))
+    return make_engine(bundle, settings.backend, buckets=batch_buckets(settings.max_batch))
 
 
 def load_bundle(settings: Settings) -> Bundle:

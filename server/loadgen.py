@@ -18,7 +18,7 @@ import torch
 from halfstep.distill.bundle import Bundle
 
 from .client import AsyncClient, Client, HalfstepError
-from .settings import TORCH_MIN_BUCKET, batch_buckets
+from .settings import batch_buckets
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -35,7 +35,7 @@ def engine_numbers(bundle: Bundle, backend: str, steps: int, max_batch: int,
     """In-process engine: p50 for one image, and the best images/s over the buckets."""
     from halfstep.export.backends import make_engine
 
-    engine = make_engine(bundle, backend, buckets=batch_buckets(max_batch, TORCH_MIN_BUCKET))
+    engine = make_engine(bundle, backend, buckets=batch_buckets(max_batch))
     engine.warmup([("student", steps)])
     shape, k = bundle.image_shape, bundle.num_labels
 

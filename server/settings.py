@@ -12,11 +12,6 @@ from dataclasses import dataclass, fields
 from halfstep.export.backends import BACKENDS
 
 ENV_PREFIX = "HALFSTEP_"
-# Batch sizes below this run through different CPU conv kernels (oneDNN) whose last-bit
-# differences can flip a uint8 pixel; padding every batch to at least 4 rows keeps a request's
-# bytes independent of its batch (measured on torch 2.x CPU: sizes 1-3 differ, 4..64 agree).
-TORCH_MIN_BUCKET = 4
-
 
 @dataclass
 class Settings:
@@ -80,11 +75,10 @@ def _parse(name: str, type_name, raw: str):
     return raw
 
 
-def batch_buckets(max_batch: int, min_bucket: int = 1) -> tuple[int, ...]:
-    """Powers of two from min_bucket up to max_batch, plus max_batch itself."""
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to max_batch, plus max_batch itself (engines pad up to min_rows)."""
     buckets, b = [], 1
     while b < max_batch:
-        if b >= min_bucket:
-            buckets.append(b)
+        buckets.append(b)
         b *= 2
     return tuple(buckets + [max_batch])

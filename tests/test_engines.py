@@ -18,7 +18,7 @@ from halfstep.distill.cudagraph import (
     within_tolerance,
 )
 from halfstep.distill.engine_bench import bench_engines, format_table, main, targets
-from halfstep.distill.engines import EngineError, TorchEngine
+from halfstep.distill.engines import CPU_MIN_ROWS, EngineError, TorchEngine
 from halfstep.distill.sampling import ddim_sample, noise_for_seeds
 
 
@@ -55,11 +55,11 @@ def ddim_by_hand(den, noise, labels, steps):
 # -- CPU: the eager engine and the function the graph captures ------------------------------
 @pytest.mark.parametrize("model,steps", KEYS)
 def test_engine_matches_reference_ddim(tiny_bundle, model, steps):
-    noise, labels = batch(tiny_bundle, [0, 1, 2])
+    noise, labels = batch(tiny_bundle, [0, 1, 2, 3])  # CPU_MIN_ROWS: no padding rows
     den = tiny_bundle.denoiser(model, steps if model == "student" else None)
     out = TorchEngine(tiny_bundle).run(model, steps, noise, labels)
     ref = ddim_sample(den, noise, labels, steps, den.schedule)
-    assert out.dtype == torch.float32 and out.shape == (3, *tiny_bundle.image_shape)
+    assert out.dtype == torch.float32 and out.shape == (4, *tiny_bundle.image_shape)
     assert torch.equal(out, ref)
     torch.testing.assert_close(out, ddim_by_hand(den, noise, labels, steps), atol=1e-4, rtol=0)
     # What CudaGraphEngine captures is exactly ddim_sample in float32.
@@ -91,6 +91,20 @@ def test_padding_to_a_bucket_does_not_change_outputs(tiny_bundle):
     for i in range(5):
         one = bucketed.run("student", 2, noise[i:i + 1], labels[i:i + 1])
         assert (one[0] - exact[i]).abs().max() <= 1e-5
+
+
+def test_cpu_torch_pads_small_batches_to_min_rows(tiny_bundle):
+    engine = TorchEngine(tiny_bundle, buckets=(1, 2, 4, 8, 16))
+    assert engine.min_rows == CPU_MIN_ROWS == 4
+    assert [engine.bucket_for(n) for n in (1, 3, 4, 5)] == [4, 4, 4, 8]
+    assert engine.used_buckets() == [4, 8, 16]
+    assert TorchEngine(tiny_bundle, buckets=(1, 2)).bucket_for(1) == 2  # capped at max batch
+    assert TorchEngine(tiny_bundle).bucket_for(1) == 4
+    noise, labels = batch(tiny_bundle, list(range(16)))
+    together = engine.run("student", 2, noise, labels)
+    for i in (0, 9):
+        alone = engine.run("student", 2, noise[i:i + 1], labels[i:i + 1])
+        assert (alone[0] - together[i]).abs().max() <= 1e-5
 
 
 def test_bad_run_arguments_are_clear(tiny_bundle):

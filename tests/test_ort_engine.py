@@ -60,6 +60,20 @@ def test_buckets_pad_without_changing_images(exported):
     assert torch.allclose(padded, plain, atol=1e-6)
 
 
+def test_a_student_image_is_bitwise_independent_of_its_batch(exported):
+    """ORT's CPU kernels need no padding rows (min_rows 1), unlike torch's oneDNN ones."""
+    engine = OrtEngine(exported, buckets=(1, 2, 4, 8, 16))
+    noise, labels = torch.randn(16, *exported.image_shape), torch.arange(16) % 11
+    together = engine.run("student", 2, noise, labels)
+    assert engine.bucket_for(1) == 1
+    for i in (0, 5):
+        alone = engine.run("student", 2, noise[i:i + 1], labels[i:i + 1])
+        assert torch.equal(alone[0], together[i])
+    # the teacher is served by torch, which pads its batches to CPU_MIN_ROWS
+    alone = engine.run("teacher", 4, noise[:1], labels[:1])
+    assert torch.equal(alone, engine._teacher.run("teacher", 4, noise[:4], labels[:4])[:1])
+
+
 def test_teacher_falls_back_to_torch(exported):
     noise, labels = torch.randn(1, *exported.image_shape), torch.tensor([10])
     got = OrtEngine(exported).run("teacher", 2, noise, labels)

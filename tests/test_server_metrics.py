@@ -63,10 +63,10 @@ def test_bad_settings_say_what_is_allowed(env, needle):
         Settings.from_env(env)
 
 
-def test_buckets_start_at_the_batch_invariant_size():
-    assert batch_buckets(64, 4) == (4, 8, 16, 32, 64)
-    assert batch_buckets(12, 4) == (4, 8, 12)
-    assert batch_buckets(2, 4) == (2,)
+def test_buckets_are_powers_of_two_up_to_max_batch():
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(12) == (1, 2, 4, 8, 12)
+    assert batch_buckets(1) == (1,)
 
 
 def test_serve_is_registered_with_every_option(monkeypatch):
