@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.batcher = Batcher(engine, state.max_batch, settings.max_wait_ms / 1000,
-                                settings.max_queue, state.metrics)
+                                settings.max_queue, state.metrics, settings.max_wait_fraction)
         state.batcher.start()
         warm = asyncio.create_task(_warm_up(state))  # /healthz answers while this runs
         yield

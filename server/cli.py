@@ -14,6 +14,8 @@ OPTIONS = (  # flag, type, help; each also reads HALFSTEP_<NAME> (flag > env > d
     ("--max-batch", int, "most images per executed batch (default 64)"),
     ("--max-wait-ms", float, "longest a batch waits for company after its oldest request "
                              "arrived (default 5)"),
+    ("--max-wait-fraction", float, "and at most this fraction of the recent batch time of its "
+                                   "(model, steps); 0: never wait (default 0.1)"),
     ("--max-queue", int, "queued requests before 503 (default 256)"),
     ("--timeout-s", float, "deadline for a request still queued: 504 after it (default 30)"),
     ("--drain-s", float, "on SIGTERM, finish accepted work for at most this long (default 30)"),

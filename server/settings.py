@@ -21,6 +21,7 @@ class Settings:
     backend: str = "auto"
     max_batch: int = 64
     max_wait_ms: float = 5.0
+    max_wait_fraction: float = 0.1
     max_queue: int = 256
     timeout_s: float = 30.0
     drain_s: float = 30.0
@@ -34,6 +35,7 @@ class Settings:
             ("port", 0 <= self.port <= 65535, "0..65535"),
             ("max_batch", 1 <= self.max_batch <= 1024, "1..1024"),
             ("max_wait_ms", 0 <= self.max_wait_ms <= 10_000, "0..10000"),
+            ("max_wait_fraction", 0 <= self.max_wait_fraction <= 1000, "0..1000"),
             ("max_queue", 1 <= self.max_queue <= 1_000_000, "1..1000000"),
             ("timeout_s", 0 < self.timeout_s <= 3600, "(0, 3600]"),
             ("drain_s", 0 <= self.drain_s <= 3600, "0..3600"),

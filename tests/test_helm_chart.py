@@ -173,8 +173,8 @@ def test_pod_runs_non_root_with_read_only_root(rendered) -> None:
 
 
 SERVER_OPTS = {"host": "::", "port": 9000, "backend": "onnxruntime", "maxBatch": 32,
-               "maxWaitMs": 2.5, "maxQueue": 1000, "timeoutS": 12, "drainS": 45,
-               "maxBodyBytes": 4096}
+               "maxWaitMs": 2.5, "maxWaitFraction": 0.25, "maxQueue": 1000, "timeoutS": 12,
+               "drainS": 45, "maxBodyBytes": 4096}
 
 
 def test_every_server_option_maps_to_env() -> None:
@@ -182,7 +182,8 @@ def test_every_server_option_maps_to_env() -> None:
     e = env(docs)
     assert {k: v for k, v in e.items() if k.startswith("HALFSTEP_")} == {
         "HALFSTEP_HOST": "::", "HALFSTEP_PORT": "9000", "HALFSTEP_BACKEND": "onnxruntime",
-        "HALFSTEP_MAX_BATCH": "32", "HALFSTEP_MAX_WAIT_MS": "2.5", "HALFSTEP_MAX_QUEUE": "1000",
+        "HALFSTEP_MAX_BATCH": "32", "HALFSTEP_MAX_WAIT_MS": "2.5",
+        "HALFSTEP_MAX_WAIT_FRACTION": "0.25", "HALFSTEP_MAX_QUEUE": "1000",
         "HALFSTEP_TIMEOUT_S": "12", "HALFSTEP_DRAIN_S": "45", "HALFSTEP_MAX_BODY_BYTES": "4096"}
     assert server(docs)["ports"][0]["containerPort"] == 9000
     assert "HALFSTEP_BUNDLE" not in e  # the embedded bundle needs none
@@ -197,9 +198,9 @@ def test_server_reads_the_env_the_chart_sets() -> None:
     fields = {f.name for f in dataclasses.fields(settings.Settings)}
     assert {k.removeprefix("HALFSTEP_").lower() for k in e} <= fields
     s = settings.Settings.from_env(e)
-    assert (s.host, s.port, s.backend, s.max_batch, s.max_wait_ms, s.max_queue, s.timeout_s,
-            s.drain_s, s.max_body_bytes, s.bundle) == ("::", 9000, "onnxruntime", 32, 2.5, 1000,
-                                                       12, 45, 4096, "/models")
+    assert (s.host, s.port, s.backend, s.max_batch, s.max_wait_ms, s.max_wait_fraction,
+            s.max_queue, s.timeout_s, s.drain_s, s.max_body_bytes, s.bundle) == (
+        "::", 9000, "onnxruntime", 32, 2.5, 0.25, 1000, 12, 45, 4096, "/models")
     from halfstep.export.backends import BACKENDS
 
     with helm.Chart.load(CHART) as chart:

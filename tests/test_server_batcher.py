@@ -156,3 +156,19 @@ def test_a_failing_batch_fails_only_its_requests(tiny_bundle_dir):
     assert ok.steps == 4
     assert metric_value(text, "halfstep_rejected_total", 'reason="error"') == 2
     assert metric_value(text, "halfstep_requests_total", 'status="500"') == 2
+
+
+@pytest.mark.parametrize("fraction,second_waits", [(0.1, False), (1000.0, True)])
+def test_wait_for_company_is_capped_by_the_recent_batch_time(tiny_bundle_dir, fraction,
+                                                             second_waits):
+    """A lone request at an idle engine waits max_wait_ms for company only until its key has
+    run once; then at most `fraction` x that key's batch time (tiny bundle: milliseconds)."""
+    app, _ = make_app(tiny_bundle_dir, max_wait_ms=1500.0, max_wait_fraction=fraction)
+    with serving(app) as url, Client(url) as c:
+        waits = []
+        for seed in (1, 2):
+            c.generate(steps=1, seed=seed)
+            text = c.metrics()
+            waits.append(metric_value(text, "halfstep_queue_wait_seconds_sum") - sum(waits))
+    assert waits[0] >= 1.4  # no estimate yet: the configured bound
+    assert (waits[1] >= 1.4) == second_waits
