@@ -114,6 +114,12 @@ def test_check_targets_logic():
                     dpm_4=(6.0, 0.97), dpm_8=(2.2, 0.99))
     targets = check_targets(good)
     assert [t for t in targets if t["passed"] is False] == []
+    # a blurry 2-step teacher row that the classifier labels perfectly does not set the bar:
+    # the bar is the accuracy of the teacher's best-FD row (ddim_64, 0.99) minus one point
+    good["rows"][4]["label_accuracy"] = 1.0
+    label = next(t for t in check_targets(good) if t["metric"] == "label_accuracy")
+    assert good["rows"][4]["steps"] == 2 and label["passed"]
+    assert label["bound"] == pytest.approx(0.98)
     catch = next(t for t in targets if "catches up" in t["target"])
     assert catch["steps"] is None  # no student at 8 steps to compare with
     bad = _results(student_1=(7.0, 0.9), student_4=(2.6, 0.96), ddim_2=(6.0, 0.9),
