@@ -45,13 +45,14 @@ class Engine(ABC):
     def bucket_for(self, n: int) -> int:
         """The smallest bucket that holds n images, and at least min_rows (n itself, or
         min_rows, when the engine has no buckets)."""
-        n = max(n, min(self.min_rows, self.max_batch or self.min_rows))
         if self.buckets is None:
-            return n
-        for b in self.buckets:
-            if b >= n:
-                return b
-        raise EngineError(f"batch of {n} exceeds the largest bucket {self.buckets[-1]}")
+            bucket = n
+        else:
+            bucket = next((b for b in self.buckets if b >= n), None)
+            if bucket is None:
+                raise EngineError(f"batch of {n} exceeds the largest bucket {self.buckets[-1]}")
+        # min_rows pads a small batch up to min_rows itself (never to a far larger bucket)
+        return max(bucket, min(self.min_rows, self.max_batch or self.min_rows))
 
     def used_buckets(self) -> list[int]:
         """The batch sizes this engine actually runs (buckets below min_rows never run)."""

@@ -99,6 +99,7 @@ def test_cpu_torch_pads_small_batches_to_min_rows(tiny_bundle):
     assert [engine.bucket_for(n) for n in (1, 3, 4, 5)] == [4, 4, 4, 8]
     assert engine.used_buckets() == [4, 8, 16]
     assert TorchEngine(tiny_bundle, buckets=(1, 2)).bucket_for(1) == 2  # capped at max batch
+    assert TorchEngine(tiny_bundle, buckets=(1, 64)).bucket_for(1) == 4  # not padded to 64
     assert TorchEngine(tiny_bundle).bucket_for(1) == 4
     noise, labels = batch(tiny_bundle, list(range(16)))
     together = engine.run("student", 2, noise, labels)
