@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine (about 8 minutes at most):
+# One command for a CUDA machine (about 10 minutes at most, typically far less):
 #   scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else /tmp/halfstep-gpu-check)
 # 1. installs the wheels carried in .whl/ that this machine lacks (into /tmp/site, offline),
 # 2. runs the tests marked `gpu` (GPU_TESTS=path overrides which; default: tests),
 # 3. benchmarks eager vs CUDA-graph engines: student steps {1,2,4,8} x batch {1,8,64} and the
 #    teacher at 256 steps, then a short reduced-precision run (informational),
-# 4. writes gpu-tests.{txt,xml}, engine_bench.{json,txt}, env.txt to OUT_DIR; prints the table last.
+# 4. runs `halfstep bench --quick` on the embedded bundle (HTTP, engines, FLOP floor, diffusers:
+#    the GPU rows of docs/benchmarks.md; needs fastapi, uvicorn and httpx wheels in .whl/),
+# 5. writes gpu-tests.{txt,xml}, engine_bench.{json,txt}, bench.{json,txt,png}, env.txt to
+#    OUT_DIR; prints the engine table last.
 # Exit status: 0 when the tests and the float32 benchmark both succeeded.
 set -uo pipefail
 
@@ -84,6 +87,13 @@ say "reduced precision (informational: may be refused by the float32 tolerance c
 (cd "$SRC" && timeout 60 "$PY" -m halfstep.distill.engine_bench --backends cudagraph \
   --dtype float16 --steps 4 --batches 1,64 --teacher-steps 0 --repeats 10 \
   --json "$OUT_DIR/engine_bench_float16.json") 2>&1 | tee "$OUT_DIR/engine_bench_float16.txt"
+
+# -- 3. halfstep bench (informational: its exit status does not change ours) ------------------
+say "halfstep bench --quick on the embedded bundle"
+(cd "$SRC" && timeout 150 "$PY" -m halfstep bench --bundle "$REPO/server/bundles/mnist" --quick \
+  --cell-budget-s 5 --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png") \
+  > "$OUT_DIR/bench.txt" 2>&1
+say "halfstep bench exit $?"
 
 say "gpu tests exit ${tests_rc}: $(tail -n 1 "$OUT_DIR/gpu-tests.txt")"
 say "benchmark exit ${bench_rc}; results in $OUT_DIR"

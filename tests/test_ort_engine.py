@@ -153,3 +153,14 @@ def test_cuda_graph_engine_matches_torch(exported):
         got = engine.run("student", 2, noise, labels)
     want = TorchEngine(exported).run("student", 2, noise, labels)
     assert float((got - want).abs().max()) <= 1e-3
+
+
+def test_serve_hints_at_onnx_only_when_auto_fell_back_for_want_of_exports(exported, tiny_bundle):
+    from halfstep.server.cli import onnx_hint
+    from halfstep.server.settings import Settings
+
+    hint = onnx_hint(Settings(backend="auto"), "torch", tiny_bundle)
+    assert hint and f"halfstep copy-bundle {tiny_bundle.root}" in hint and "--format onnx" in hint
+    assert onnx_hint(Settings(backend="torch"), "torch", tiny_bundle) is None  # chosen on purpose
+    assert onnx_hint(Settings(backend="auto"), "onnxruntime", exported) is None
+    assert onnx_hint(Settings(backend="auto"), "torch", exported) is None  # has exports
