@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Without BUNDLE, `make run` serves a copy of the embedded model with ONNX exports, made once
-# under .halfstep/ (~30 s): ONNX Runtime is ~3x faster than eager torch at batch 1 on CPU, and
+# under .halfstep/ (~45 s): ONNX Runtime is 3-5x faster than eager torch at batch 1 on CPU, and
 # the exports do not fit the embedded bundle's 30 MB package-data budget.
 SERVED := .halfstep/mnist-onnx
 

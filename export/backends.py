@@ -31,6 +31,12 @@ def auto_backend(bundle: Bundle) -> str:
     return "torch"
 
 
+def missing_exports_only(bundle: Bundle) -> bool:
+    """auto picks eager torch on this CPU machine only because the bundle has no ONNX exports."""
+    return (not torch.cuda.is_available() and importlib.util.find_spec("onnxruntime") is not None
+            and not has_onnx_exports(bundle))
+
+
 def make_engine(bundle: Bundle, backend: str = "auto", buckets: tuple[int, ...] | None = None,
                 **options) -> Engine:
     """options: device (torch, onnxruntime), dtype (cudagraph), threads (onnxruntime),

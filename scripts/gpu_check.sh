@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine (about 10 minutes at most, typically far less):
+# One command for a CUDA machine (bounded by its timeouts at ~10 minutes plus wheel installs;
+# typically far less):
 #   scripts/gpu_check.sh [OUT_DIR]        (default: $OUT, else /tmp/halfstep-gpu-check)
 # 1. installs the wheels carried in .whl/ that this machine lacks (into /tmp/site, offline),
 # 2. runs the tests marked `gpu` (GPU_TESTS=path overrides which; default: tests),
 # 3. benchmarks eager vs CUDA-graph engines: student steps {1,2,4,8} x batch {1,8,64} and the
 #    teacher at 256 steps, then a short reduced-precision run (informational),
 # 4. runs `halfstep bench --quick` on the embedded bundle (HTTP, engines, FLOP floor, diffusers:
-#    the GPU rows of docs/benchmarks.md; needs fastapi, uvicorn and httpx wheels in .whl/),
+#    the GPU rows of docs/benchmarks.md; needs fastapi, uvicorn, httpx and matplotlib wheels in
+#    .whl/; informational, bounded at 150 s),
 # 5. writes gpu-tests.{txt,xml}, engine_bench.{json,txt}, bench.{json,txt,png}, env.txt to
 #    OUT_DIR; prints the engine table last.
 # Exit status: 0 when the tests and the float32 benchmark both succeeded.
@@ -69,7 +71,7 @@ if ! (cd "$SRC" && "$PY" -c 'import torch, diffusers, safetensors, pytest; asser
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
 
-# -- 1. tests marked gpu ------------------------------------------------------------------------
+# -- 2. tests marked gpu ------------------------------------------------------------------------
 say "pytest -m gpu ${GPU_TESTS:-tests}"
 # --import-mode=append: pytest must not put the repo root ahead of the linked package.
 (cd "$SRC" && timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --import-mode=append \
@@ -77,7 +79,7 @@ say "pytest -m gpu ${GPU_TESTS:-tests}"
   "$REPO/${GPU_TESTS:-tests}") 2>&1 | tee "$OUT_DIR/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
-# -- 2. benchmark (float32), then a short reduced-precision run --------------------------------
+# -- 3. benchmark (float32), then a short reduced-precision run --------------------------------
 say "engine benchmark: torch vs cudagraph"
 (cd "$SRC" && timeout 200 "$PY" -m halfstep.distill.engine_bench --backends torch,cudagraph \
   --steps 1,2,4,8 --batches 1,8,64 --teacher-steps 256 --repeats 10 \
@@ -88,7 +90,7 @@ say "reduced precision (informational: may be refused by the float32 tolerance c
   --dtype float16 --steps 4 --batches 1,64 --teacher-steps 0 --repeats 10 \
   --json "$OUT_DIR/engine_bench_float16.json") 2>&1 | tee "$OUT_DIR/engine_bench_float16.txt"
 
-# -- 3. halfstep bench (informational: its exit status does not change ours) ------------------
+# -- 4. halfstep bench (informational: its exit status does not change ours) ------------------
 say "halfstep bench --quick on the embedded bundle"
 (cd "$SRC" && timeout 150 "$PY" -m halfstep bench --bundle "$REPO/server/bundles/mnist" --quick \
   --cell-budget-s 5 --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png") \

@@ -3,10 +3,10 @@
 Stages (docs/STYLE.md habit 9): queue -> batch -> run -> split, with an output-count check.
 - A batch takes queued requests of the oldest request's key, in arrival order, up to
   `max_batch` images; it runs when full or when the oldest request has waited `max_wait_s`, or
-  `wait_fraction` of the key's recent batch time if that is shorter: waiting for company then
-  never adds more than that fraction to a request's latency (a 4-step student on CPU runs in
-  ~15 ms, so a fixed 5 ms wait alone was +33% at n=1; the teacher's second-long batches still
-  wait the full max_wait_s).
+  `wait_fraction` of the key's recent batch time (a moving average over its batches) if that
+  is shorter, which caps the wait's share of a lone request's latency (a 4-step student on
+  CPU runs in ~20 ms, so a flat 5 ms wait was +25% at n=1; the teacher's second-long batches
+  still wait the full max_wait_s). wait_fraction 0: never wait.
 - A full queue refuses at once (QueueFull -> 503). A request still queued at its deadline is
   removed and answers DeadlineExceeded (504) without waiting for the engine to free up
   (triton core #333); it never runs.
@@ -207,6 +207,8 @@ class Batcher:
 
     def wait_limit(self, key: tuple[str, int]) -> float:
         """How long a batch of `key` may wait for company after its oldest request arrived."""
+        if self.wait_fraction == 0:
+            return 0.0
         recent = self._recent_run_s.get(key)
         if recent is None:  # not run yet: no estimate, the configured bound alone
             return self.max_wait_s

@@ -49,16 +49,12 @@ def cmd_serve(args) -> int:
 
 def onnx_hint(settings, engine_name: str, bundle) -> str | None:
     """Say so when `auto` fell back to eager torch on CPU only for want of ONNX exports."""
-    import importlib.util
+    from halfstep.export.backends import missing_exports_only
 
-    import torch
-    from halfstep.export.backends import has_onnx_exports
-
-    if (settings.backend != "auto" or engine_name != "torch" or torch.cuda.is_available()
-            or importlib.util.find_spec("onnxruntime") is None or has_onnx_exports(bundle)):
+    if settings.backend != "auto" or engine_name != "torch" or not missing_exports_only(bundle):
         return None
     return (f"halfstep: hint: this bundle has no ONNX exports, so it runs on eager torch; ONNX "
-            f"Runtime is ~3x faster at batch 1 on CPU: halfstep copy-bundle {bundle.root} DIR "
+            f"Runtime is 3-5x faster at batch 1 on CPU: halfstep copy-bundle {bundle.root} DIR "
             f"&& halfstep export --bundle DIR --format onnx && halfstep serve --bundle DIR")
 
 
@@ -75,7 +71,7 @@ def serve(settings, engine=None) -> int:
     print(
         f"halfstep: serving bundle {b.name} ({b.root}): students "
         f"{', '.join(map(str, b.student_steps)) or 'none'}, teacher up to {b.teacher_max_steps} "
-        f"steps; backend {state.engine.name}, buckets {list(state.engine.buckets or [])}; "
+        f"steps; backend {state.engine.name}, buckets {state.engine.used_buckets()}; "
         f"auth {'on' if settings.api_key else 'off'}; at {settings.url} (playground /, docs /docs)",
         flush=True,
     )

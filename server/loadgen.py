@@ -45,7 +45,7 @@ def engine_numbers(bundle: Bundle, backend: str, steps: int, max_batch: int,
 
     single = statistics.median(_timed(run(1), repeats))
     per_bucket = {b: b / statistics.median(_timed(run(b), max(3, repeats // 4)))
-                  for b in engine.buckets or (1,)}
+                  for b in engine.used_buckets()}
     return {"engine_p50_s": single, "engine_best_images_per_s": max(per_bucket.values()),
             "engine_images_per_s_by_bucket": per_bucket, "backend": engine.name}
 

@@ -227,8 +227,9 @@ def test_onnx_inception_matches_torchscript_and_repairs_a_bad_cache(tmp_path):
 
 
 def _resume_config(mnist_dir, cache, **kw):
+    kw.setdefault("seed", 7)
     return EvalConfig(bundle=kw.pop("bundle"), data=f"mnist:{mnist_dir}", steps=[1],
-                      dpm_steps=[], samples=20, fid=False, seed=7, cache_dir=str(cache),
+                      dpm_steps=[], samples=20, fid=False, cache_dir=str(cache),
                       classifier_config=ClassifierConfig(steps=5), progress=False, **kw)
 
 
@@ -263,5 +264,11 @@ def test_interrupted_eval_resumes_from_finished_rows(tiny_bundle_dir, mnist_dir,
     assert sampled == [("student", 1)]
     sampled.clear()
     longer.resume = False
-    evaluate(longer, log=lambda *_: None)
+    fresh = evaluate(longer, log=lambda *_: None)
     assert sampled == [("student", 1), ("ddim", 2), ("ddim", 4)]
+    assert not any(r["reused"] for r in fresh["rows"])
+    # other seeds are other rows: nothing is reused
+    sampled.clear()
+    evaluate(_resume_config(mnist_dir, eval_cache, bundle=str(tiny_bundle_dir),
+                            teacher_steps=[2], seed=8), log=lambda *_: None)
+    assert sampled == [("student", 1), ("ddim", 2)]

@@ -155,9 +155,12 @@ def test_cuda_graph_engine_matches_torch(exported):
     assert float((got - want).abs().max()) <= 1e-3
 
 
-def test_serve_hints_at_onnx_only_when_auto_fell_back_for_want_of_exports(exported, tiny_bundle):
+def test_serve_hints_at_onnx_only_when_auto_fell_back_for_want_of_exports(exported, tiny_bundle,
+                                                                         monkeypatch):
     from halfstep.server.cli import onnx_hint
     from halfstep.server.settings import Settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine
 
     hint = onnx_hint(Settings(backend="auto"), "torch", tiny_bundle)
     assert hint and f"halfstep copy-bundle {tiny_bundle.root}" in hint and "--format onnx" in hint

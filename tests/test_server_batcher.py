@@ -158,12 +158,10 @@ def test_a_failing_batch_fails_only_its_requests(tiny_bundle_dir):
     assert metric_value(text, "halfstep_requests_total", 'status="500"') == 2
 
 
-@pytest.mark.parametrize("fraction,second_waits", [(0.1, False), (1000.0, True)])
-def test_wait_for_company_is_capped_by_the_recent_batch_time(tiny_bundle_dir, fraction,
-                                                             second_waits):
+def test_wait_for_company_is_capped_by_the_recent_batch_time(tiny_bundle_dir):
     """A lone request at an idle engine waits max_wait_ms for company only until its key has
-    run once; then at most `fraction` x that key's batch time (tiny bundle: milliseconds)."""
-    app, _ = make_app(tiny_bundle_dir, max_wait_ms=1500.0, max_wait_fraction=fraction)
+    run once; then at most 0.1 x that key's batch time (tiny bundle: milliseconds)."""
+    app, _ = make_app(tiny_bundle_dir, max_wait_ms=1500.0, max_wait_fraction=0.1)
     with serving(app) as url, Client(url) as c:
         waits = []
         for seed in (1, 2):
@@ -171,4 +169,22 @@ def test_wait_for_company_is_capped_by_the_recent_batch_time(tiny_bundle_dir, fr
             text = c.metrics()
             waits.append(metric_value(text, "halfstep_queue_wait_seconds_sum") - sum(waits))
     assert waits[0] >= 1.4  # no estimate yet: the configured bound
-    assert (waits[1] >= 1.4) == second_waits
+    assert waits[1] < 1.0
+
+
+def test_wait_limit_rule():
+    from halfstep.server.batcher import Batcher
+    from halfstep.server.metrics import Metrics
+
+    def limit(fraction, recent=None):
+        b = Batcher(None, max_batch=8, max_wait_s=0.005, max_queue=4, metrics=Metrics(),
+                    wait_fraction=fraction)
+        if recent is not None:
+            b._recent_run_s[("student", 4)] = recent
+        return b.wait_limit(("student", 4))
+
+    assert limit(0.1) == 0.005  # no batch of this key yet: the configured bound
+    assert limit(0.1, recent=0.020) == pytest.approx(0.002)  # 10% of a 20 ms batch
+    assert limit(0.1, recent=1.0) == 0.005  # a slow key: the bound
+    assert limit(1000.0, recent=0.001) == 0.005
+    assert limit(0.0) == limit(0.0, recent=1.0) == 0.0  # 0: never wait

@@ -190,6 +190,8 @@ class RowCache:
     sha256, the model config, N, the FID sizes, the seed, the classifier and the data.
     """
 
+    # The key covers the inputs, not the code: bump VERSION whenever a change to the samplers
+    # or the metrics changes the numbers, or pass --no-resume.
     VERSION = 1
 
     def __init__(self, config: EvalConfig, bundle: Bundle, scorer: Scorer, classifier_key: str):
@@ -257,7 +259,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
         t1 = time.perf_counter()
         row = {"method": method, "steps": steps or None, **scorer.score(images, labels),
                "sample_seconds": round(t1 - t0, 2),
-               "metric_seconds": round(time.perf_counter() - t1, 2)}
+               "metric_seconds": round(time.perf_counter() - t1, 2), "reused": False}
         rows.append(row)
         grids[(method, steps)] = images[:GRID_IMAGES].clone()
         row_cache.save(method, steps, row, grids[(method, steps)])

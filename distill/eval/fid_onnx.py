@@ -63,21 +63,22 @@ def load_onnx_inception(model: torch.jit.ScriptModule, weights: Path,
     if not onnxruntime_available():
         return None
     path = Path(cache_dir) / "inception" / f"{sha256_file(weights)[:16]}.onnx"
-    try:
+    for attempt in ("cached", "fresh"):
         try:
+            if attempt == "fresh" or not path.is_file():
+                log.info("exporting the Inception network to %s (once)", path)
+                _export(model, probe, path)
             runner = OnnxInception(path, torch.get_num_threads())
-        except Exception:  # absent, or unreadable (say, a foreign file): export it again
-            log.info("exporting the Inception network to %s (once)", path)
-            _export(model, probe, path)
-            runner = OnnxInception(path, torch.get_num_threads())
-        with torch.no_grad():
-            expected = model(probe).reshape(len(probe), -1)
-        error = (runner(probe).reshape(len(probe), -1) - expected).abs().max().item()
-    except Exception as exc:  # any exporter/runtime failure: fall back to TorchScript
-        log.warning("ONNX Runtime Inception unavailable (%s); using TorchScript", exc)
-        return None
-    if error > PARITY_ATOL:
-        log.warning("ONNX Inception differs from TorchScript by %.2e > %.0e; using TorchScript",
-                    error, PARITY_ATOL)
-        return None
-    return runner
+            with torch.no_grad():
+                expected = model(probe).reshape(len(probe), -1)
+            error = (runner(probe).reshape(len(probe), -1) - expected).abs().max().item()
+        except Exception as exc:  # unreadable cached file: export again; else fall back
+            if attempt == "cached":
+                continue
+            log.warning("ONNX Runtime Inception unavailable (%s); using TorchScript", exc)
+            return None
+        if error <= PARITY_ATOL:
+            return runner
+        log.warning("ONNX Inception (%s) differs from TorchScript by %.2e > %.0e", attempt, error,
+                    PARITY_ATOL)
+    return None  # a fresh export that still disagrees: TorchScript it is

@@ -25,13 +25,17 @@ def _method_rows(results: dict, method: str) -> list[dict]:
     return sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["steps"])
 
 
+def teacher_best_row(results: dict, metric: str = "fd_classifier") -> dict | None:
+    """The teacher row (DDIM or DPM-Solver++) with the best (lowest) value of `metric`."""
+    rows = [r for r in results["rows"]
+            if r["method"] in ("ddim", "dpm++") and r.get(metric) is not None]
+    return min(rows, key=lambda r: r[metric]) if rows else None
+
+
 def teacher_best(results: dict, metric: str) -> float | None:
-    """Best value over every teacher row (DDIM and DPM-Solver++): min, or max for accuracy."""
-    values = [r[metric] for r in results["rows"]
-              if r["method"] in ("ddim", "dpm++") and r.get(metric) is not None]
-    if not values:
-        return None
-    return max(values) if metric == "label_accuracy" else min(values)
+    """The lowest value of a distance metric over every teacher row (DDIM and DPM-Solver++)."""
+    row = teacher_best_row(results, metric)
+    return None if row is None else row[metric]
 
 
 def format_table(results: dict) -> str:
@@ -60,13 +64,6 @@ def _target(name: str, metric: str, passed: bool | None, detail: str, **values) 
 def _compare(name: str, metric: str, student: dict, other: dict) -> dict:
     a, b = student[metric], other[metric]
     return _target(name, metric, a < b, f"{a:.3f} vs {b:.3f}", value=a, bound=b)
-
-
-def teacher_best_row(results: dict, metric: str = "fd_classifier") -> dict | None:
-    """The teacher row (DDIM or DPM-Solver++) with the best (lowest) value of `metric`."""
-    rows = [r for r in results["rows"]
-            if r["method"] in ("ddim", "dpm++") and r.get(metric) is not None]
-    return min(rows, key=lambda r: r[metric]) if rows else None
 
 
 def _label_target(results: dict, student: dict | None) -> dict:
