@@ -26,6 +26,7 @@ TARGET_TEACHER_RATIO = 50.0  # HTTP p50, student 4 vs teacher 256: >= 50x
 TARGET_OVERHEAD = 1.2  # HTTP p50 / engine time at batch 1: <= 1.2x
 TARGET_VS_DIFFUSERS = 0.5  # fastest engine / diffusers at 4 steps, batch 1: <= 0.5x
 TARGET_FLOOR = 0.5  # CPU engine at batch 64: >= 50% of the matmul rate
+TARGET_THROUGHPUT = 0.8  # (issue 5) images/s at the top concurrency / engine's best batched
 
 
 @dataclass
@@ -182,6 +183,14 @@ def targets(r: dict) -> dict:
         out["engine_vs_diffusers_4"] = _target(
             fastest["median_ms"] / d4["median_ms"], TARGET_VS_DIFFUSERS, False,
             f"{fastest['backend']} engine / diffusers DDIMScheduler, 4 steps, batch 1")
+    top = max(r.get("throughput") or [], key=lambda t: t["concurrency"], default=None)
+    rates = [e["batch"] / e["median_ms"] * 1e3 for e in engines
+             if top and e["backend"] == backend and e["steps"] == top["steps"]]
+    if top and rates and top["images_per_s"]:
+        out["throughput_vs_engine"] = _target(
+            top["images_per_s"] / max(rates), TARGET_THROUGHPUT, True,
+            f"HTTP images/s at concurrency {top['concurrency']} / best in-process {backend} "
+            f"images/s over batches, {top['steps']} steps")
     cpu64 = [f for f in r.get("floor") or [] if f["batch"] == 64]
     if cpu64 and not torch.cuda.is_available():
         best = max(cpu64, key=lambda f: f["fraction"])
