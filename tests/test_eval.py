@@ -272,3 +272,27 @@ def test_interrupted_eval_resumes_from_finished_rows(tiny_bundle_dir, mnist_dir,
     evaluate(_resume_config(mnist_dir, eval_cache, bundle=str(tiny_bundle_dir),
                             teacher_steps=[2], seed=8), log=lambda *_: None)
     assert sampled == [("student", 1), ("ddim", 2)]
+
+
+def test_an_interrupted_row_resumes_after_its_saved_batches(tiny_bundle, tmp_path):
+    from halfstep.distill.io import atomic_torch_save
+
+    noise, labels = noise_for_seeds(request_seeds(0, 6), (1, 28, 28)), torch.arange(6) % 10
+    partial = tmp_path / "row.partial.pt"
+    full = sample_row(tiny_bundle, "ddim", 2, noise, labels, batch_size=2, progress=False,
+                      partial=partial, save_every_s=0)
+    assert torch.equal(torch.load(partial, weights_only=True)["images"], full)  # saved as it went
+    # an interrupted run left 2 of 3 batches (marked, to see that they are reused, not redone)
+    atomic_torch_save({"batch_size": 2, "images": full[:4] + 5.0}, partial)
+    resumed = sample_row(tiny_bundle, "ddim", 2, noise, labels, batch_size=2, progress=False,
+                         partial=partial)
+    assert torch.equal(resumed[:4], full[:4] + 5.0) and torch.allclose(resumed[4:], full[4:])
+    # saved with another batch size, or damaged: the row starts over
+    for bad in ({"batch_size": 3, "images": full[:3] + 5.0}, b"truncated"):
+        if isinstance(bad, bytes):
+            partial.write_bytes(bad)
+        else:
+            atomic_torch_save(bad, partial)
+        again = sample_row(tiny_bundle, "ddim", 2, noise, labels, batch_size=2, progress=False,
+                           partial=partial)
+        assert torch.allclose(again, full)

@@ -109,9 +109,29 @@ def balanced_real(data: ImageDataset, n: int, seed: int) -> torch.Tensor:
     return data.batch(order)[0]
 
 
+def _load_partial(path: Path | None, batch_size: int, noise: torch.Tensor) -> list[torch.Tensor]:
+    """Batches an interrupted run of this row finished, if they fit this run; else none."""
+    if path is None or not path.is_file():
+        return []
+    try:
+        saved = torch.load(path, weights_only=True)
+        images = saved["images"]
+        if (saved["batch_size"] != batch_size or images.shape[1:] != noise.shape[1:]
+                or len(images) > len(noise)):
+            return []
+    except Exception:  # truncated or foreign: start the row over
+        return []
+    return list(images.split(batch_size))
+
+
 def sample_row(bundle: Bundle, method: str, steps: int, noise: torch.Tensor, labels: torch.Tensor,
-               batch_size: int, device: str = "cpu", progress: bool = True) -> torch.Tensor:
-    """Images [N, C, H, W] in [-1, 1] for one row; batching never changes an image."""
+               batch_size: int, device: str = "cpu", progress: bool = True,
+               partial: Path | None = None, save_every_s: float = 60.0) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] for one row; batching never changes an image.
+
+    With `partial`, finished batches are saved there every `save_every_s` seconds and a later
+    call resumes after them: the teacher's 256-step row is ~35 minutes on CPU, too long to lose.
+    """
     from tqdm import tqdm
 
     if method == "student":
@@ -122,10 +142,15 @@ def sample_row(bundle: Bundle, method: str, steps: int, noise: torch.Tensor, lab
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS[1:]}")
     den.to(device)
-    out = []
     batches = list(zip(noise.split(batch_size), labels.split(batch_size), strict=True))
-    for z, y in tqdm(batches, desc=f"{method} {steps:>3} steps", disable=not progress, leave=False):
+    out = _load_partial(partial, batch_size, noise)
+    saved_at = time.monotonic()
+    for z, y in tqdm(batches[len(out):], desc=f"{method} {steps:>3} steps", initial=len(out),
+                     total=len(batches), disable=not progress, leave=False):
         out.append(sampler(den, z.to(device), y.to(device), steps, den.schedule).float().cpu())
+        if partial is not None and time.monotonic() - saved_at >= save_every_s:
+            atomic_torch_save({"batch_size": batch_size, "images": torch.cat(out)}, partial)
+            saved_at = time.monotonic()
     return torch.cat(out)
 
 
@@ -213,6 +238,10 @@ class RowCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return self.dir / f"{method}-{steps}-{digest}.pt"
 
+    def partial_path(self, method: str, steps: int) -> Path:
+        """Where an unfinished row keeps its finished batches (sample_row)."""
+        return self.path(method, steps).with_suffix(".partial.pt")
+
     def load(self, method: str, steps: int) -> tuple[dict, torch.Tensor] | None:
         path = self.path(method, steps)
         if not path.is_file():
@@ -255,7 +284,8 @@ def evaluate(config: EvalConfig, log=print) -> dict:
             images = balanced_real(load_mnist(config.mnist_dir, "train"), n, config.seed)
         else:
             images = sample_row(bundle, method, steps, noise, labels, config.batch_size,
-                                config.device, config.progress)
+                                config.device, config.progress,
+                                partial=row_cache.partial_path(method, steps))
         t1 = time.perf_counter()
         row = {"method": method, "steps": steps or None, **scorer.score(images, labels),
                "sample_seconds": round(t1 - t0, 2),
@@ -263,6 +293,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
         rows.append(row)
         grids[(method, steps)] = images[:GRID_IMAGES].clone()
         row_cache.save(method, steps, row, grids[(method, steps)])
+        row_cache.partial_path(method, steps).unlink(missing_ok=True)
         fid = "" if row["fid"] is None else f"  FID {row['fid']:.2f}"
         log(f"{method:>7} {steps or '-':>4}: FD-classifier {row['fd_classifier']:.3f}  "
             f"label acc {row['label_accuracy']:.4f}{fid}  "
