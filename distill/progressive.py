@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,10 @@ class DistillConfig:
     from_steps: int = 256
     to_steps: int = 1
     iters_per_round: int = 300
+    # Per-round overrides, keyed by the student's step count: {4: 500, 1: 1000}. The last
+    # rounds are the hard ones (the gap to the teacher doubles each round), so a recipe
+    # spends its iterations there.
+    round_iters: dict[int, int] = field(default_factory=dict)
     batch_size: int = 64
     lr: float = 1e-4
     data: str | None = None
@@ -48,6 +52,19 @@ class DistillConfig:
             )
         if self.iters_per_round < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("iters-per-round and batch-size must be >= 1 and lr > 0")
+        self.round_iters = {int(n): int(k) for n, k in self.round_iters.items()}
+        unknown = sorted(set(self.round_iters) - set(self.round_steps()))
+        if unknown:
+            raise ValueError(
+                f"--round-iters names student steps {unknown}, but this run's rounds make "
+                f"students with {self.round_steps()} steps"
+            )
+        if any(k < 1 for k in self.round_iters.values()):
+            raise ValueError("--round-iters: every round needs >= 1 iteration")
+
+    def iters_for(self, n_student: int) -> int:
+        """Iterations of the round that makes the n_student-step student."""
+        return self.round_iters.get(n_student, self.iters_per_round)
 
     def round_steps(self) -> list[int]:
         """Student step counts in order: from_steps/2, ..., to_steps."""
@@ -137,7 +154,7 @@ def distill_round(
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)  # fresh Adam every round
     gap_start = probe_gap(student, teacher, n_student, cfg.probe_size)
     started, losses = time.perf_counter(), []
-    K = cfg.iters_per_round
+    K = cfg.iters_for(n_student)
     bar = tqdm(
         range(K),
         desc=f"{2 * n_student}->{n_student} steps",
@@ -206,7 +223,7 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
             out,
             n,
             student.unet.state_dict(),
-            {"distilled_from": 2 * n, "iters": cfg.iters_per_round, "metrics": metrics},
+            {"distilled_from": 2 * n, "iters": cfg.iters_for(n), "metrics": metrics},
         )
         print(
             f"round {2 * n}->{n}: loss {metrics['loss_last_50']:.5f}, {metrics['wall_s']} s, "

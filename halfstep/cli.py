@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from halfstep import __version__
-from halfstep.distill.cli_args import positive_ints
+from halfstep.distill.cli_args import positive_ints, round_iterations
 
 
 class UsageError(Exception):
@@ -75,6 +75,13 @@ def _add_distill(sub) -> None:
     p.add_argument("--from-steps", type=int, default=256)
     p.add_argument("--to-steps", type=int, default=1)
     p.add_argument("--iters-per-round", type=int, default=300)
+    p.add_argument(
+        "--round-iters",
+        type=round_iterations,
+        default={},
+        metavar="STEPS=ITERS,...",
+        help="per-round overrides by the student's step count, e.g. 4=500,2=1000,1=1000",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--data", default=None, help="defaults to the teacher's training data")
@@ -94,6 +101,7 @@ def cmd_distill(args) -> int:
         from_steps=args.from_steps,
         to_steps=args.to_steps,
         iters_per_round=args.iters_per_round,
+        round_iters=args.round_iters,
         batch_size=args.batch_size,
         lr=args.lr,
         data=absolute_spec(args.data) if args.data else None,

@@ -74,12 +74,15 @@ def test_tiny_pipeline_on_mnist(mnist_dir, tmp_path):
         4,
         "--iters-per-round",
         3,
+        "--round-iters",
+        "1=5",
         "--batch-size",
         8,
     )
     assert "round 4->2" in out.stdout and "round 2->1" in out.stdout
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert [s["steps"] for s in manifest["students"]] == [1, 2]
+    assert {s["steps"]: s["iters"] for s in manifest["students"]} == {1: 5, 2: 3}
     assert manifest["teacher"]["default_steps"] == 4
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     halfstep(

@@ -83,3 +83,9 @@ def test_config_validation():
     with pytest.raises(ValueError, match="power of two"):
         DistillConfig(teacher="a", out="b", from_steps=8, to_steps=0)
     assert DistillConfig(teacher="a", out="b", from_steps=16, to_steps=2).round_steps() == [8, 4, 2]
+    cfg = DistillConfig(teacher="a", out="b", from_steps=8, iters_per_round=7, round_iters={2: 9})
+    assert [cfg.iters_for(n) for n in cfg.round_steps()] == [7, 9, 7]
+    with pytest.raises(ValueError, match=r"steps \[16\].*\[4, 2, 1\]"):
+        DistillConfig(teacher="a", out="b", from_steps=8, round_iters={16: 5})
+    with pytest.raises(ValueError, match=">= 1 iteration"):
+        DistillConfig(teacher="a", out="b", from_steps=8, round_iters={2: 0})
