@@ -37,6 +37,9 @@ class Engine(ABC):
         self.bundle = bundle
         self.buckets = tuple(sorted(buckets)) if buckets else None
         self.lock = threading.Lock()  # one batch at a time per engine
+        # (model, steps) -> seconds of one warm single-image batch, measured by warmup(): the
+        # server's first estimate of a key's batch time, before any request has run.
+        self.warm_run_s: dict[tuple[str, int], float] = {}
 
     @property
     def max_batch(self) -> int | None:
@@ -103,7 +106,16 @@ class Engine(ABC):
         for model, steps in keys:
             for b in self.used_buckets():
                 self.run(model, steps, torch.zeros(b, *shape), torch.zeros(b, dtype=torch.int64))
+        self.time_lone_batches(keys)
         return {"warmup_s": round(time.perf_counter() - started, 3), "keys": len(keys)}
+
+    def time_lone_batches(self, keys: list[tuple[str, int]]) -> None:
+        """Fill warm_run_s: one more (already warm) single-image batch per key, timed."""
+        shape = self.bundle.image_shape
+        for model, steps in keys:
+            started = time.perf_counter()
+            self.run(model, steps, torch.zeros(1, *shape), torch.zeros(1, dtype=torch.int64))
+            self.warm_run_s[(model, steps)] = time.perf_counter() - started
 
     def default_keys(self) -> list[tuple[str, int]]:
         return [("student", s) for s in self.bundle.student_steps]

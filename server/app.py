@@ -214,6 +214,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
 async def _warm_up(state: ServerState) -> None:
     try:
         state.warmup = await state.batcher.call_in_engine_thread(state.engine.warmup)
+        state.batcher.seed_run_times(state.engine.warm_run_s)
         state.ready = True
         state.metrics.ready.set(1)
         log.info("warm-up done: %s", state.warmup)

@@ -205,12 +205,18 @@ class Batcher:
             self.metrics.queue_depth.set(len(self._queue))
             await self._execute(batch, images)
 
+    def seed_run_times(self, run_s: dict[tuple[str, int], float]) -> None:
+        """Start keys' moving averages from the engine's warm-up timings (Engine.warm_run_s),
+        so the first request of a warmed key does not wait the whole max_wait_s."""
+        for key, seconds in run_s.items():
+            self._recent_run_s.setdefault(key, float(seconds))
+
     def wait_limit(self, key: tuple[str, int]) -> float:
         """How long a batch of `key` may wait for company after its oldest request arrived."""
         if self.wait_fraction == 0:
             return 0.0
         recent = self._recent_run_s.get(key)
-        if recent is None:  # not run yet: no estimate, the configured bound alone
+        if recent is None:  # neither warmed up nor run yet: the configured bound alone
             return self.max_wait_s
         return min(self.max_wait_s, self.wait_fraction * recent)
 

@@ -108,6 +108,20 @@ def test_cpu_torch_pads_small_batches_to_min_rows(tiny_bundle):
         assert (alone[0] - together[i]).abs().max() <= 1e-5
 
 
+def test_warmup_runs_every_bucket_and_times_each_key(tiny_bundle):
+    engine = TorchEngine(tiny_bundle, buckets=(1, 8))
+    seen = []
+    run = engine.run
+    engine.run = lambda model, steps, noise, labels: seen.append((steps, noise.shape[0])) or run(
+        model, steps, noise, labels)
+    report = engine.warmup([("student", 1), ("student", 4)])
+    assert report["keys"] == 2 and report["warmup_s"] > 0
+    # used buckets 4 and 8 (CPU torch pads to 4 rows), then one timed lone image per key
+    assert seen == [(1, 4), (1, 8), (4, 4), (4, 8), (1, 1), (4, 1)]
+    assert set(engine.warm_run_s) == {("student", 1), ("student", 4)}
+    assert all(s > 0 for s in engine.warm_run_s.values())
+
+
 def test_bad_run_arguments_are_clear(tiny_bundle):
     engine = TorchEngine(tiny_bundle, buckets=(1, 2))
     noise, labels = batch(tiny_bundle, [0, 1])
@@ -273,6 +287,7 @@ def test_warmup_captures_every_graph_and_reports_memory(gpu_bundle):
     assert report["graphs"] == len(engine.captured) == 4 * 3
     assert report["warmup_s"] > 0 and report["gpu_memory_reserved_mib"] > 0
     assert report["gpu_memory_added_mib"] >= 0
+    assert set(engine.warm_run_s) == set(engine.default_keys())
     before = engine.captured
     engine.run("student", 8, *batch(gpu_bundle, [0, 1, 2]))
     assert engine.captured == before  # served from the warmed graphs, nothing captured lazily

@@ -160,16 +160,20 @@ def test_a_failing_batch_fails_only_its_requests(tiny_bundle_dir):
 
 def test_wait_for_company_is_capped_by_the_recent_batch_time(tiny_bundle_dir):
     """A lone request at an idle engine waits max_wait_ms for company only until its key has
-    run once; then at most 0.1 x that key's batch time (tiny bundle: milliseconds)."""
-    app, _ = make_app(tiny_bundle_dir, max_wait_ms=1500.0, max_wait_fraction=0.1)
+    a batch time estimate (from warm-up, or after its first batch); then at most 0.1 x that
+    key's batch time (tiny bundle: milliseconds)."""
+    app, engine = make_app(tiny_bundle_dir, max_wait_ms=1500.0, max_wait_fraction=0.1)
+    assert engine.warm_keys == [("student", 1)]  # warm-up times steps=1 only
     with serving(app) as url, Client(url) as c:
         waits = []
-        for seed in (1, 2):
-            c.generate(steps=1, seed=seed)
-            text = c.metrics()
-            waits.append(metric_value(text, "halfstep_queue_wait_seconds_sum") - sum(waits))
-    assert waits[0] >= 1.4  # no estimate yet: the configured bound
-    assert waits[1] < 1.0
+        for steps in (2, 2, 1):
+            c.generate(steps=steps, seed=len(waits))
+            total = metric_value(c.metrics(), "halfstep_queue_wait_seconds_sum")
+            waits.append(total - sum(waits))
+    assert set(engine.warm_run_s) == {("student", 1)}
+    assert waits[0] >= 1.4  # steps=2 was not warmed up: no estimate, the configured bound
+    assert waits[1] < 1.0  # its first batch gave one
+    assert waits[2] < 1.0  # steps=1: the warm-up's timing is the estimate from the start
 
 
 def test_wait_limit_rule():
@@ -188,3 +192,9 @@ def test_wait_limit_rule():
     assert limit(0.1, recent=1.0) == 0.005  # a slow key: the bound
     assert limit(1000.0, recent=0.001) == 0.005
     assert limit(0.0) == limit(0.0, recent=1.0) == 0.0  # 0: never wait
+
+    b = Batcher(None, max_batch=8, max_wait_s=0.005, max_queue=4, metrics=Metrics())
+    b._recent_run_s[("student", 2)] = 0.030
+    b.seed_run_times({("student", 4): 0.020, ("student", 2): 1.0})
+    assert b.wait_limit(("student", 4)) == pytest.approx(0.002)
+    assert b.wait_limit(("student", 2)) == pytest.approx(0.003)  # a measured batch wins
