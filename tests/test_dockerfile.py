@@ -100,6 +100,22 @@ def test_torch_builds_per_target() -> None:
     assert "WITH_TENSORRT" in args and '"${WITH_TENSORRT}" = "1"' in gpu
 
 
+def test_cpu_image_serves_the_embedded_bundle_with_onnx_exports() -> None:
+    cmds = stage("cpu")
+    (served,) = [c.value[0].split("=", 1)[1] for c in cmds
+                 if c.cmd == "ARG" and c.value[0].startswith("SERVED_BUNDLE=")]
+    runs = [c.value[0] for c in cmds if c.cmd == "RUN"]
+    (made,) = [r for r in runs if "halfstep export" in r]
+    assert "default_bundle_path()" in made and "halfstep copy-bundle" in made
+    assert '--bundle "${SERVED_BUNDLE}" --format onnx' in made
+    pairs = [v for c in cmds if c.cmd == "ENV" for v in c.value]
+    env = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    assert env["HALFSTEP_BUNDLE"] == "${SERVED_BUNDLE}" and served.startswith("/opt/")
+    # made as root before USER, so the runtime user can read it but not change it
+    (at,) = [i for i, c in enumerate(cmds) if c.cmd == "RUN" and c.value[0] == made]
+    assert [c.cmd for c in cmds].index("USER") > at
+
+
 def test_no_add_of_urls() -> None:
     for cmd in dockerfile.parse_file(str(ROOT / "Dockerfile")):
         if cmd.cmd == "ADD":
