@@ -30,6 +30,7 @@ from .sampling import ddim_sample, noise_for_seeds
 CHECKPOINT = "checkpoint.pt"
 EMA_WEIGHTS = "ema.safetensors"
 CONFIG = "config.json"
+LOSS_LOG = "loss.jsonl"
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     seed: int = 0
     sample_steps: int = 64
+    snapshot_every: int = 0  # keep ema-STEP.safetensors every N steps (a quality curve); 0 = off
+    log_every: int = 50  # append the mean loss of the last N steps to loss.jsonl
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -181,6 +184,7 @@ def train(
         total=cfg.max_steps, initial=step, disable=not progress or rank != 0, dynamic_ncols=True
     )
     started, start_step = time.perf_counter(), step
+    loss_sum, loss_count = 0.0, 0
     while step < cfg.max_steps:
         idx, t, eps, drop = draw_global_batch(cfg, step, dataset)
         part = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -205,12 +209,23 @@ def train(
         update_ema(ema, model, ema_decay_at(cfg, step))
         step += 1
         rate = (step - start_step) / (time.perf_counter() - started)
+        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", steps_per_s=f"{rate:.2f}")
+        if rank == 0 and cfg.log_every and step % cfg.log_every == 0:
+            _append_loss(out, step, loss_sum / loss_count, rate)
+            loss_sum, loss_count = 0.0, 0
+        if rank == 0 and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            atomic_save_safetensors(ema.unet.state_dict(), out / f"ema-{step:06d}.safetensors")
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             save_checkpoint(out, model, ema, opt, step, cfg)
     bar.close()
     return out
+
+
+def _append_loss(out: Path, step: int, mean_loss: float, steps_per_s: float) -> None:
+    with open(out / LOSS_LOG, "a") as f:
+        f.write(json.dumps({"step": step, "loss": mean_loss, "steps_per_s": steps_per_s}) + "\n")
 
 
 def save_checkpoint(out: Path, model, ema, opt, step: int, cfg: TrainConfig) -> None:

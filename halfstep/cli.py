@@ -27,7 +27,16 @@ def _add_train(sub) -> None:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    p.add_argument(
+        "--norm-groups", type=int, help="GroupNorm groups (default: the preset's)"
+    )
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument(
+        "--snapshot-every",
+        type=int,
+        help="also keep the EMA weights every N steps as ema-STEP.safetensors (a quality curve)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument(
@@ -53,13 +62,20 @@ def cmd_train(args) -> int:
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every,
+        snapshot_every=args.snapshot_every,
         seed=args.seed,
         weighting=args.weighting,
     )
     if args.parameterization:
         cfg.model.parameterization = args.parameterization
+    if args.norm_groups:
+        cfg.model.norm_num_groups = args.norm_groups
+    try:
         cfg.model.__post_init__()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     del dataset
     if args.reset_ema and not args.resume:
         raise UsageError("--reset-ema only applies with --resume")
