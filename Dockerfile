@@ -27,7 +27,10 @@ COPY pyproject.toml README.md* ./
 COPY halfstep ./halfstep
 COPY distill ./distill
 COPY export ./export
+COPY engines ./engines
 COPY server ./server
+COPY bench ./bench
+COPY eval ./eval
 RUN pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /wheels . \
     # The embedded bundle is package data: fail here, not at serve time, if it is missing.
     && python -c "import sys, zipfile, glob; \

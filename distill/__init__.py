@@ -1,1 +1,1 @@
-"""Diffusion math, teacher training, progressive distillation, bundles and sampling engines."""
+"""Diffusion math, teacher training, progressive distillation, bundles and samplers."""

@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from .bundle import Bundle
-from .engines import Engine, TorchEngine
 from .images import grid_png
 from .io import atomic_write_bytes
-from .sampling import ancestral_sample, noise_for_seeds
+from .sampling import ancestral_sample, ddim_sample, noise_for_seeds
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
@@ -18,9 +17,21 @@ def request_seeds(seed: int, n: int) -> list[int]:
     return [seed + i for i in range(n)]
 
 
+def reference_images(bundle: Bundle, model: str, steps: int, noise: torch.Tensor,
+                     labels: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Eager deterministic DDIM of the bundle's teacher or student: float32 CPU images in
+    [-1, 1]. The eager engine runs this; compiled exports are checked against it."""
+    den = bundle.denoiser(model, steps if model == "student" else None).to(device)
+    images = ddim_sample(den, noise.to(device), labels.to(device), steps, den.schedule)
+    return images.float().cpu()
+
+
 def sample_images(bundle: Bundle, steps: int, n: int = 16, seed: int = 0, label: int | None = None,
-                  model: str = "student", sampler: str = "ddim", engine: Engine | None = None):
-    """[n, C, H, W] images in [-1, 1]; the same arguments always give the same images."""
+                  model: str = "student", sampler: str = "ddim", engine=None):
+    """[n, C, H, W] images in [-1, 1]; the same arguments always give the same images.
+
+    `engine` is any object with `run(model, steps, noise, labels)` (an Engine); without one the
+    eager reference sampler runs in process."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     bundle.check_steps(model, steps)
@@ -37,7 +48,9 @@ def sample_images(bundle: Bundle, steps: int, n: int = 16, seed: int = 0, label:
         return ancestral_sample(den, noise, labels, steps, den.schedule, generator=gen)
     if sampler != "ddim":
         raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ancestral")
-    return (engine or TorchEngine(bundle)).run(model, steps, noise, labels)
+    if engine is None:
+        return reference_images(bundle, model, steps, noise, labels)
+    return engine.run(model, steps, noise, labels)
 
 
 def write_grid(images: torch.Tensor, out: str | Path) -> Path:

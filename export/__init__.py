@@ -1,1 +1,1 @@
-"""Compile N-step students to ONNX and TensorRT, and the engines that run them."""
+"""Compilers from a bundle to files: ONNX graphs and TensorRT plans, each checked for parity."""

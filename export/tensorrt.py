@@ -1,11 +1,11 @@
-"""TensorRT: build each student's engine from its ONNX export, and run it (docs/SERVING.md).
+"""TensorRT: build each student's engine from its ONNX export and check it against float32.
 
 One optimization profile spans batch 1..max_batch (opt at a typical size); fp16 is optional
 and accepted only if the images stay within 2/255 of float32 (max abs 8-bit pixel error); a
 timing cache makes rebuilds fast. Engine files are named by TensorRT version and GPU compute
 capability, and an engine only loads entries built for the running version and GPU, so an
-upgrade means a rebuild, never a stale engine. Parts that need TensorRT and a GPU were not run
-on this project's CPU-only machine (README: what was and was not verified).
+upgrade means a rebuild, never a stale engine. `PlanRunner` runs one plan: the parity check
+here and the serving engine (`halfstep.engines.tensorrt`) share it.
 """
 
 from __future__ import annotations
@@ -15,32 +15,28 @@ import os
 from pathlib import Path
 
 import torch
+
 from halfstep.distill.bundle import Bundle
-from halfstep.distill.engines import DEFAULT_BUCKETS, Engine, EngineError, TorchEngine
 from halfstep.distill.images import to_uint8
 from halfstep.distill.io import atomic_write_bytes
+from halfstep.distill.sample import reference_images
 
-from .manifest import (
-    export_entries,
-    missing_students,
-    record_export,
-    remove_unreferenced,
-    verified_path,
-)
+from .manifest import export_entries, record_export, remove_unreferenced, verified_path
+from .onnx import ExportError
 
-FP16_MAX_PIXEL_ERROR = 2  # out of 255, against the float32 torch engine (issue 4)
+FP16_MAX_PIXEL_ERROR = 2  # out of 255, against the float32 eager reference sampler
 FP32_ATOL = 1e-3  # TF32 is switched off; kernels still differ from torch's in summation order
 
 
 def require_tensorrt():
-    """The tensorrt module, or a one-line EngineError saying what is missing."""
+    """The tensorrt module, or a one-line ExportError saying what is missing."""
     try:
         import tensorrt
     except ImportError:
-        raise EngineError("TensorRT is not installed: pip install 'halfstep[tensorrt]' "
+        raise ExportError("TensorRT is not installed: pip install 'halfstep[tensorrt]' "
                           "(needs an NVIDIA GPU)") from None
     if not torch.cuda.is_available():
-        raise EngineError("TensorRT needs a CUDA GPU and none is available here; "
+        raise ExportError("TensorRT needs a CUDA GPU and none is available here; "
                           "use --backend onnxruntime or torch")
     return tensorrt
 
@@ -74,37 +70,19 @@ def matches_runtime(entry: dict, trt_version: str, capability: tuple[int, int]) 
             and entry.get("compute_capability") == gpu_tag(capability))
 
 
-def select_engines(bundle: Bundle, trt_version: str, capability: tuple[int, int],
-                   fp16: bool | None = None) -> dict[int, dict]:
-    """{steps: entry} built for this TensorRT and GPU; fp16=None prefers fp16 when present."""
-    chosen: dict[int, dict] = {}
-    for want in ([True, False] if fp16 is None else [fp16]):
-        found = export_entries(bundle, "tensorrt", lambda e, w=want: bool(e.get("fp16")) == w
-                               and matches_runtime(e, trt_version, capability))
-        for n, e in found.items():
-            chosen.setdefault(n, e)
-    missing = missing_students(bundle, chosen)
-    if missing:
-        raise EngineError(
-            f"bundle {bundle.name} has no TensorRT engine for student steps "
-            f"{', '.join(map(str, missing))} built with TensorRT {trt_version} on "
-            f"{gpu_tag(capability)}; run: halfstep export --bundle {bundle.root} --format tensorrt")
-    return chosen
-
-
 def max_pixel_error(images: torch.Tensor, reference: torch.Tensor) -> int:
     """Max abs difference of the 8-bit images (the fp16 acceptance test compares pixels)."""
     a, b = to_uint8(images).astype("int16"), to_uint8(reference).astype("int16")
     return int(abs(a - b).max()) if a.size else 0
 
 
-class _Plan:
-    """One deserialized engine and its execution context, run with torch CUDA tensors."""
+class PlanRunner:
+    """One deserialized plan and its execution context, run with torch CUDA tensors."""
 
     def __init__(self, trt, plan: bytes, device: torch.device) -> None:
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise EngineError("TensorRT could not deserialize the engine (built by another "
+            raise ExportError("TensorRT could not deserialize the engine (built by another "
                               "version or GPU?); rebuild with halfstep export --format tensorrt")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -122,36 +100,9 @@ class _Plan:
         self.context.set_tensor_address("images", out.data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # inputs are copied
         if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise EngineError("TensorRT execute_async_v3 failed")
+            raise ExportError("TensorRT execute_async_v3 failed")
         self.stream.synchronize()
         return out.float().cpu()
-
-
-class TensorRTEngine(Engine):
-    """Same interface as TorchEngine; the teacher (not exported) runs on torch CUDA."""
-
-    name = "tensorrt"
-
-    def __init__(self, bundle: Bundle, buckets: tuple[int, ...] | None = None,
-                 fp16: bool | None = None, device: str = "cuda") -> None:
-        trt = require_tensorrt()
-        self.device = torch.device(device)
-        capability = torch.cuda.get_device_capability(self.device)
-        entries = select_engines(bundle, trt.__version__, capability, fp16)
-        limit = min(int(e["max_batch"]) for e in entries.values())
-        buckets = buckets or tuple(b for b in DEFAULT_BUCKETS if b <= limit)
-        if max(buckets) > limit:
-            raise EngineError(f"bucket {max(buckets)} exceeds the engines' max batch {limit}; "
-                              f"rebuild with halfstep export --format tensorrt --max-batch N")
-        super().__init__(bundle, buckets)
-        paths = {n: verified_path(bundle, e) for n, e in entries.items()}  # before any load
-        self._plans = {n: _Plan(trt, p.read_bytes(), self.device) for n, p in paths.items()}
-        self._teacher = TorchEngine(bundle, device=self.device)
-
-    def _run(self, model, steps, noise, labels):
-        if model == "teacher":
-            return self._teacher._run(model, steps, noise, labels)
-        return self._plans[steps].run(noise, labels)
 
 
 def build_plan(trt, onnx_bytes: bytes, shapes: dict, fp16: bool, cache_path: Path) -> bytes:
@@ -162,7 +113,7 @@ def build_plan(trt, onnx_bytes: bytes, shapes: dict, fp16: bool, cache_path: Pat
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineError(f"TensorRT could not parse the ONNX export: {errors}")
+        raise ExportError(f"TensorRT could not parse the ONNX export: {errors}")
     config = builder.create_builder_config()
     config.clear_flag(trt.BuilderFlag.TF32)  # float32 engines must stay float32-accurate
     if fp16:
@@ -176,7 +127,7 @@ def build_plan(trt, onnx_bytes: bytes, shapes: dict, fp16: bool, cache_path: Pat
     config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineError("TensorRT failed to build the engine (see the messages above)")
+        raise ExportError("TensorRT failed to build the engine (see the messages above)")
     atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
 
@@ -201,18 +152,17 @@ def export_tensorrt(root: str | os.PathLike, steps: list[int] | None = None,
     device = torch.device("cuda")
     capability = torch.cuda.get_device_capability(device)
     cache = bundle.root / f"timing-cache.trt{trt.__version__}.{gpu_tag(capability)}.bin"
-    reference = TorchEngine(bundle, device=device)
     entries = []
     for n in steps:
         plan = build_plan(trt, verified_path(bundle, onnx[n]).read_bytes(), shapes, fp16, cache)
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn(min(5, max_batch), *bundle.image_shape, generator=gen)
         labels = torch.randint(0, bundle.num_labels + 1, (noise.shape[0],), generator=gen)
-        got = _Plan(trt, plan, device).run(noise, labels)
-        want = reference.run("student", n, noise, labels)
+        got = PlanRunner(trt, plan, device).run(noise, labels)
+        want = reference_images(bundle, "student", n, noise, labels, device)
         err, pixels = float((got - want).abs().max()), max_pixel_error(got, want)
         if (pixels > FP16_MAX_PIXEL_ERROR) if fp16 else not err <= FP32_ATOL:
-            raise EngineError(f"student-{n} TensorRT {'fp16' if fp16 else 'fp32'} engine does "
+            raise ExportError(f"student-{n} TensorRT {'fp16' if fp16 else 'fp32'} engine does "
                               f"not match torch: max abs {err:.3g}, {pixels}/255 pixels; "
                               f"not written")
         sha = hashlib.sha256(plan).hexdigest()

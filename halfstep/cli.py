@@ -155,7 +155,7 @@ def load_bundle(path: str | None):
 
 def cmd_sample(args) -> int:
     from halfstep.distill.sample import sample_images, write_grid
-    from halfstep.export.backends import make_engine
+    from halfstep.engines.factory import make_engine
 
     bundle = load_bundle(args.bundle)
     engine = None if args.sampler == "ancestral" else make_engine(bundle, args.backend)
@@ -192,8 +192,8 @@ def cmd_copy_bundle(args) -> int:
 PLUGIN_MODULES = (
     "halfstep.export.cli",
     "halfstep.server.cli",
-    "halfstep.server.bench_cli",
-    "halfstep.distill.eval.cli",
+    "halfstep.bench.cli",
+    "halfstep.eval.cli",
 )
 
 

@@ -81,12 +81,12 @@ tests_rc=${PIPESTATUS[0]}
 
 # -- 3. benchmark (float32), then a short reduced-precision run --------------------------------
 say "engine benchmark: torch vs cudagraph"
-(cd "$SRC" && timeout 200 "$PY" -m halfstep.distill.engine_bench --backends torch,cudagraph \
+(cd "$SRC" && timeout 200 "$PY" -m halfstep.bench.engines --backends torch,cudagraph \
   --steps 1,2,4,8 --batches 1,8,64 --teacher-steps 256 --repeats 10 \
   --json "$OUT_DIR/engine_bench.json") > "$OUT_DIR/engine_bench.txt" 2>&1
 bench_rc=$?
 say "reduced precision (informational: may be refused by the float32 tolerance check)"
-(cd "$SRC" && timeout 60 "$PY" -m halfstep.distill.engine_bench --backends cudagraph \
+(cd "$SRC" && timeout 60 "$PY" -m halfstep.bench.engines --backends cudagraph \
   --dtype float16 --steps 4 --batches 1,64 --teacher-steps 0 --repeats 10 \
   --json "$OUT_DIR/engine_bench_float16.json") 2>&1 | tee "$OUT_DIR/engine_bench_float16.txt"
 

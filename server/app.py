@@ -16,9 +16,10 @@ from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from halfstep.distill.bundle import Bundle
-from halfstep.distill.engines import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from halfstep.distill.bundle import Bundle
+from halfstep.engines.base import Engine
 
 from .batcher import Batcher, BatchFailed, DeadlineExceeded, Draining, QueueFull
 from .codec import (
@@ -76,7 +77,7 @@ class ServerState:
 
 
 def build_engine(settings: Settings, bundle: Bundle) -> Engine:
-    from halfstep.export.backends import make_engine
+    from halfstep.engines.factory import make_engine
 
     return make_engine(bundle, settings.backend, buckets=batch_buckets(settings.max_batch))
 

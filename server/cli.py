@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from halfstep.export.backends import BACKENDS
+from halfstep.engines.factory import BACKENDS
 
 OPTIONS = (  # flag, type, help; each also reads HALFSTEP_<NAME> (flag > env > default)
     ("--bundle", str, "bundle directory (default: the embedded model)"),
@@ -49,7 +49,7 @@ def cmd_serve(args) -> int:
 
 def onnx_hint(settings, engine_name: str, bundle) -> str | None:
     """Say so when `auto` fell back to eager torch on CPU only for want of ONNX exports."""
-    from halfstep.export.backends import missing_exports_only
+    from halfstep.engines.factory import missing_exports_only
 
     if settings.backend != "auto" or engine_name != "torch" or not missing_exports_only(bundle):
         return None

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 from fastapi.responses import JSONResponse, Response
+from pydantic import ConfigDict, Field, create_model
+
 from halfstep.distill.bundle import Bundle, BundleError
 from halfstep.distill.images import grid_shape, make_grid, png_bytes, to_uint8
 from halfstep.distill.sample import request_seeds
 from halfstep.distill.sampling import noise_for_seeds
-from pydantic import ConfigDict, Field, create_model
 
 from .batcher import Result
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from halfstep.distill.bundle import Bundle, add_student, create_bundle
 from halfstep.distill.denoiser import Denoiser, ModelConfig
 

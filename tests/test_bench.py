@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from halfstep.server.bench import BenchConfig, plan_steps
-from halfstep.server.bench_load import check_url, histogram_sum_count, percentiles
 
+from halfstep.bench.http import check_url, histogram_sum_count, percentiles
+from halfstep.bench.run import BenchConfig, plan_steps
 from halfstep.cli import main
 
 
@@ -100,7 +100,7 @@ def test_quick_bench_against_tiny_bundle(tiny_bundle_dir, tmp_path, capsys):
 
 
 def test_unreachable_loopback_server_is_a_clear_error(capsys):
-    from halfstep.server.bench_load import free_port
+    from halfstep.bench.http import free_port
 
     assert main(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--quick"]) == 2
     assert "cannot query" in capsys.readouterr().err

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 import torch
+
 from halfstep.distill.bundle import Bundle, BundleError, add_student, update_manifest
 from halfstep.distill.io import atomic_save_safetensors
-
 from tests.conftest import build_tiny_bundle, tiny_denoiser
 
 

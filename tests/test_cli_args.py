@@ -4,6 +4,7 @@ what was expected (argparse prints it as a usage error, never a traceback)."""
 import argparse
 
 import pytest
+
 from halfstep.distill.cli_args import positive_ints, positive_ints_or_empty, round_iterations
 
 

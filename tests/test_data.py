@@ -3,8 +3,9 @@ import shutil
 
 import pytest
 import torch
-from halfstep.distill.data import DataError, load_dataset, load_folder, load_mnist
 from PIL import Image
+
+from halfstep.distill.data import DataError, load_dataset, load_folder, load_mnist
 
 
 def test_mnist_loads_real_files(mnist_dir):

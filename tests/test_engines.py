@@ -8,8 +8,12 @@ import threading
 
 import pytest
 import torch
+
+from halfstep.bench.engines import bench_engines, format_table, main, targets
 from halfstep.distill.bundle import Bundle, BundleError
-from halfstep.distill.cudagraph import (
+from halfstep.distill.sampling import ddim_sample, noise_for_seeds
+from halfstep.engines.base import EngineError
+from halfstep.engines.cudagraph import (
     CudaGraphEngine,
     check_buckets,
     image_error,
@@ -17,9 +21,7 @@ from halfstep.distill.cudagraph import (
     parse_dtype,
     within_tolerance,
 )
-from halfstep.distill.engine_bench import bench_engines, format_table, main, targets
-from halfstep.distill.engines import CPU_MIN_ROWS, EngineError, TorchEngine
-from halfstep.distill.sampling import ddim_sample, noise_for_seeds
+from halfstep.engines.eager import CPU_MIN_ROWS, TorchEngine
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -160,7 +162,7 @@ def test_bucket_and_dtype_parsing(tiny_bundle):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
 def test_cudagraph_without_cuda_is_a_clear_error(tiny_bundle):
-    from halfstep.export.backends import make_engine
+    from halfstep.engines.factory import make_engine
 
     builds = (lambda: CudaGraphEngine(tiny_bundle), lambda: make_engine(tiny_bundle, "cudagraph"))
     for build in builds:

@@ -7,16 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from halfstep.distill.data import synthetic_dataset
-from halfstep.distill.eval.classifier import ClassifierConfig, train_classifier
-from halfstep.distill.eval.dpm_solver import dpm_solver_sample, make_scheduler, scheduler_time
-from halfstep.distill.eval.evaluate import EvalConfig, evaluate, sample_row
-from halfstep.distill.eval.fid import InceptionFeatures, inception_input, inception_path
-from halfstep.distill.eval.fid_onnx import onnxruntime_available
-from halfstep.distill.eval.frechet import FeatureStats, frechet_distance
-from halfstep.distill.eval.report import check_targets, format_table
 from halfstep.distill.sample import request_seeds
 from halfstep.distill.sampling import ddim_sample, noise_for_seeds
+from halfstep.eval.classifier import ClassifierConfig, train_classifier
+from halfstep.eval.dpm_solver import dpm_solver_sample, make_scheduler, scheduler_time
+from halfstep.eval.evaluate import EvalConfig, evaluate, sample_row
+from halfstep.eval.fid import InceptionFeatures, inception_input, inception_path
+from halfstep.eval.fid_onnx import onnxruntime_available
+from halfstep.eval.frechet import FeatureStats, frechet_distance
+from halfstep.eval.report import check_targets, format_table
 
 from .conftest import tiny_denoiser
 
@@ -235,7 +236,7 @@ def _resume_config(mnist_dir, cache, **kw):
 
 def test_interrupted_eval_resumes_from_finished_rows(tiny_bundle_dir, mnist_dir, tmp_path,
                                                      monkeypatch):
-    import halfstep.distill.eval.evaluate as evaluate_module
+    import halfstep.eval.evaluate as evaluate_module
 
     eval_cache = tmp_path  # its own cache: the row files below must be this test's
 

@@ -7,18 +7,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-from halfstep.distill.bundle import Bundle, BundleError
-from halfstep.distill.io import sha256_file
 
 from halfstep.cli import main
+from halfstep.distill.bundle import Bundle, BundleError
+from halfstep.distill.io import sha256_file
 from tests.conftest import build_tiny_bundle
 
 onnx = pytest.importorskip("onnx", reason="needs the onnx extra (pip install 'halfstep[onnx]')")
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'halfstep[onnx]')")
 
+from halfstep.engines.onnxruntime import OrtEngine  # noqa: E402
 from halfstep.export import onnx as export_mod  # noqa: E402
 from halfstep.export.onnx import ExportError, export_onnx  # noqa: E402
-from halfstep.export.ort_engine import OrtEngine  # noqa: E402
 
 EXPORTED_STEPS = (1, 2)
 _CACHE: dict[str, Path] = {}

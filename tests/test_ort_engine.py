@@ -9,18 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from halfstep.distill.bundle import Bundle, BundleError
-from halfstep.distill.engines import EngineError, TorchEngine
-from halfstep.distill.images import to_uint8
-from halfstep.distill.sample import sample_images
 
 from halfstep.cli import main
+from halfstep.distill.bundle import Bundle, BundleError
+from halfstep.distill.images import to_uint8
+from halfstep.distill.sample import sample_images
+from halfstep.engines.base import EngineError
+from halfstep.engines.eager import TorchEngine
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'halfstep[onnx]')")
 
-from halfstep.export.backends import make_engine  # noqa: E402
-from halfstep.export.ort_engine import OrtEngine, ort_vs_torch, time_engine  # noqa: E402
-
+from halfstep.bench.engines import ort_vs_torch, time_engine  # noqa: E402
+from halfstep.engines.factory import make_engine  # noqa: E402
+from halfstep.engines.onnxruntime import OrtEngine  # noqa: E402
 from tests.test_export import exported_bundle_dir  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def test_a_student_image_is_bitwise_independent_of_its_batch(exported):
         assert torch.equal(alone[0], together[i])
     # the teacher is served by torch, which pads its batches to CPU_MIN_ROWS
     alone = engine.run("teacher", 4, noise[:1], labels[:1])
-    assert torch.equal(alone, engine._teacher.run("teacher", 4, noise[:4], labels[:4])[:1])
+    assert torch.equal(alone, engine.teacher.run("teacher", 4, noise[:4], labels[:4])[:1])
 
 
 def test_teacher_falls_back_to_torch(exported):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from halfstep.distill.losses import WeightedXLoss
 from halfstep.distill.parameterization import (
     eps_from_x_hat,

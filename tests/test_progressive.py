@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from halfstep.distill.data import synthetic_dataset
 from halfstep.distill.losses import WeightedXLoss
 from halfstep.distill.progressive import (
@@ -11,7 +12,6 @@ from halfstep.distill.progressive import (
     probe_gap,
 )
 from halfstep.distill.sampling import ddim_step
-
 from tests.conftest import tiny_denoiser
 
 

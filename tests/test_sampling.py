@@ -1,7 +1,7 @@
 import torch
+
 from halfstep.distill.sampling import ancestral_sample, ddim_sample, ddim_step, noise_for_seeds
 from halfstep.distill.schedule import CosineSchedule
-
 from tests.conftest import tiny_denoiser
 
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from halfstep.distill.schedule import CosineSchedule, time_grid
 
 

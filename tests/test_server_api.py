@@ -8,10 +8,11 @@ import io
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
+
 from halfstep.distill.bundle import Bundle
 from halfstep.distill.images import make_grid, to_uint8
 from halfstep.server.client import Client, HalfstepError
-from PIL import Image
 
 from .conftest import build_tiny_bundle
 from .test_server_support import expected_images, make_app, serving

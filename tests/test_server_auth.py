@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+
 from halfstep.server.settings import Settings
 
 from .test_server_support import make_app

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+
 from halfstep.server.client import AsyncClient, Client, HalfstepError
 
 from .test_server_support import make_app, metric_value, serving

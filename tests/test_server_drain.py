@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
 from halfstep.server.client import Client
 
 from .test_server_support import free_socket

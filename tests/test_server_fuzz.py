@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis")
-from halfstep.distill.bundle import Bundle  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (comes with schemathesis)
 from schemathesis import GenerationMode  # noqa: E402
+
+from halfstep.distill.bundle import Bundle  # noqa: E402
 
 from .test_server_support import (  # noqa: E402
     InstrumentedEngine,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
+from halfstep.cli import build_parser
 from halfstep.server.client import Client
 from halfstep.server.metrics import Metrics
 from halfstep.server.settings import Settings, batch_buckets
-
-from halfstep.cli import build_parser
 
 from .test_server_support import make_app, metric_value, serving
 

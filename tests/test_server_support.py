@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
+
 from halfstep.distill.bundle import Bundle, add_student, create_bundle
-from halfstep.distill.engines import TorchEngine
+from halfstep.engines.eager import TorchEngine
 from halfstep.server.app import create_app
 from halfstep.server.client import Client
 from halfstep.server.settings import Settings

@@ -9,18 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from halfstep.cli import main
 from halfstep.distill.bundle import Bundle, BundleError
-from halfstep.distill.engines import EngineError, TorchEngine
+from halfstep.engines.base import EngineError
+from halfstep.engines.eager import TorchEngine
+from halfstep.engines.tensorrt import select_engines
 from halfstep.export.manifest import record_export, verified_path
+from halfstep.export.onnx import ExportError
 from halfstep.export.tensorrt import (
     engine_filename,
     max_pixel_error,
     profile_shapes,
     require_tensorrt,
-    select_engines,
 )
-
-from halfstep.cli import main
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
@@ -102,11 +104,11 @@ def test_fp16_acceptance_compares_8bit_pixels():
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT and a GPU are present: no error path")
 def test_without_tensorrt_or_gpu_a_one_line_error(tiny_bundle, tiny_bundle_dir, capsys):
-    with pytest.raises(EngineError) as info:
+    with pytest.raises(ExportError) as info:
         require_tensorrt()
     assert "\n" not in str(info.value) and ("pip install" in str(info.value)
                                             or "CUDA GPU" in str(info.value))
-    from halfstep.export.backends import make_engine
+    from halfstep.engines.factory import make_engine
 
     with pytest.raises(EngineError):
         make_engine(tiny_bundle, "tensorrt")
@@ -117,7 +119,8 @@ def test_without_tensorrt_or_gpu_a_one_line_error(tiny_bundle, tiny_bundle_dir, 
 
 @pytest.mark.tensorrt
 def test_tensorrt_build_run_and_reload(bundle_copy):
-    from halfstep.export.tensorrt import TensorRTEngine, export_tensorrt
+    from halfstep.engines.tensorrt import TensorRTEngine
+    from halfstep.export.tensorrt import export_tensorrt
 
     entries = export_tensorrt(bundle_copy, [1, 2, 4, 8], max_batch=8, log=lambda _: None)
     assert all(e["parity_max_abs"] <= 1e-3 for e in entries)

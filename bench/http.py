@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .client import AsyncClient
+from halfstep.server.client import AsyncClient
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 

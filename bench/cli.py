@@ -1,4 +1,4 @@
-"""`halfstep bench`: the subcommand, its one table, the JSON and the plot (see server/bench.py)."""
+"""`halfstep bench`: the subcommand, its one table, the JSON and the plot (see bench/run.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
 def cmd_bench(args) -> int:
     import os
 
-    from .bench import BenchConfig, run_bench
+    from .run import BenchConfig, run_bench
 
     cfg = BenchConfig(url=args.url, bundle=args.bundle, backend=args.backend,
                       allow_remote=args.allow_remote, quick=args.quick, steps=args.steps,

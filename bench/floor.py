@@ -7,9 +7,11 @@ import statistics
 import time
 
 import torch
+
 from halfstep.distill.bundle import Bundle
-from halfstep.distill.engine_bench import time_run
-from halfstep.distill.engines import Engine
+from halfstep.engines.base import Engine
+
+from .engines import time_run
 
 
 def _sync() -> None:
@@ -25,7 +27,7 @@ def device_name() -> str:
 
 def engine_backends(bundle: Bundle) -> tuple[list[str], dict[str, str]]:
     """Backends this machine and bundle can run, and why each other one is skipped."""
-    from halfstep.export.backends import has_onnx_exports
+    from halfstep.engines.factory import has_onnx_exports
 
     run, skipped = ["torch"], {}
     if importlib.util.find_spec("onnxruntime") is None:
@@ -49,7 +51,7 @@ def engine_backends(bundle: Bundle) -> tuple[list[str], dict[str, str]]:
 def bench_engines(bundle: Bundle, steps_list: list[int], batches: list[int], repeats: int,
                   progress=print) -> tuple[list[dict], dict[str, str]]:
     """Median engine.run time per (backend, student steps, batch); skipped backends + why."""
-    from halfstep.export.backends import make_engine
+    from halfstep.engines.factory import make_engine
 
     backends, skipped = engine_backends(bundle)
     rows = []

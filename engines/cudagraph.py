@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .bundle import Bundle
-from .engines import DEFAULT_BUCKETS, Engine, EngineError
-from .sampling import ddim_sample, noise_for_seeds
+from halfstep.distill.bundle import Bundle
+from halfstep.distill.sampling import ddim_sample, noise_for_seeds
+
+from .base import DEFAULT_BUCKETS, Engine, EngineError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Reduced precision is accepted only if, on CHECK_SEEDS, every image stays this close to the

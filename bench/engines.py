@@ -1,6 +1,6 @@
 """Benchmark engines: eager vs CUDA graph over steps x batch, and the teacher at many steps.
 
-    python -m halfstep.distill.engine_bench [--bundle DIR] [--json OUT.json]
+    python -m halfstep.bench.engines [--bundle DIR] [--json OUT.json]
         [--backends torch,cudagraph] [--steps 1,2,4,8] [--batches 1,8,64] [--teacher-steps 256]
 
 Each cell is the median of `repeats` timed `engine.run` calls (noise in, CPU images out: what
@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from halfstep.distill.cli_args import positive_ints
 
-from .bundle import Bundle, add_student, create_bundle
-from .denoiser import Denoiser, ModelConfig
-from .engines import Engine, EngineError, TorchEngine
-from .sampling import noise_for_seeds
+from halfstep.distill.bundle import Bundle, add_student, create_bundle
+from halfstep.distill.cli_args import positive_ints
+from halfstep.distill.denoiser import Denoiser, ModelConfig
+from halfstep.distill.sampling import noise_for_seeds
+from halfstep.engines.base import Engine, EngineError
+from halfstep.engines.eager import TorchEngine
 
 BACKENDS = ("torch", "cudagraph")
 TARGET_GRAPH_SPEEDUP = 3.0  # cudagraph vs eager, 4-step student, batch 1
@@ -52,7 +53,7 @@ def make_bench_engine(bundle: Bundle, backend: str, buckets: tuple[int, ...],
     if backend == "torch":
         return TorchEngine(bundle, "cuda" if torch.cuda.is_available() else "cpu", buckets)
     if backend == "cudagraph":
-        from .cudagraph import CudaGraphEngine
+        from halfstep.engines.cudagraph import CudaGraphEngine
 
         return CudaGraphEngine(bundle, buckets=buckets, dtype=dtype)
     raise EngineError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -160,9 +161,53 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def time_engine(engine: Engine, model: str, steps: int, batch: int = 1, repeats: int = 30,
+                warmup: int = 3) -> float:
+    """Median wall time of engine.run in seconds on fixed random inputs."""
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("batch and repeats must be >= 1, warmup >= 0")
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(batch, *engine.bundle.image_shape, generator=gen)
+    labels = torch.zeros(batch, dtype=torch.int64)
+    for _ in range(warmup):
+        engine.run(model, steps, noise, labels)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.run(model, steps, noise, labels)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def ort_vs_torch(bundle: Bundle, steps: list[int] | None = None, batch: int = 1,
+                 repeats: int = 30, threads: int | None = None) -> list[dict]:
+    """Eager torch vs ONNX Runtime on the CPU, per student: median ms and speedup.
+
+    With `threads`, both runtimes get the same intra-op thread count for a fair comparison.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        from halfstep.engines.onnxruntime import OrtEngine
+
+        eager, ort_engine = TorchEngine(bundle), OrtEngine(bundle, threads=threads)
+        rows = []
+        for n in steps or bundle.student_steps:
+            with torch.inference_mode():
+                t_torch = time_engine(eager, "student", n, batch, repeats)
+            t_ort = time_engine(ort_engine, "student", n, batch, repeats)
+            rows.append({"steps": n, "batch": batch, "torch_ms": round(t_torch * 1e3, 3),
+                         "onnxruntime_ms": round(t_ort * 1e3, 3),
+                         "speedup": round(t_torch / t_ort, 2)})
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     default_backends = "torch,cudagraph" if torch.cuda.is_available() else "torch"
-    p = argparse.ArgumentParser(prog="python -m halfstep.distill.engine_bench",
+    p = argparse.ArgumentParser(prog="python -m halfstep.bench.engines",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--bundle", help="bundle directory (default: random MNIST-sized weights)")
     p.add_argument("--json", help="write rows, targets and warm-up reports here")

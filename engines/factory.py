@@ -9,16 +9,18 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+
 from halfstep.distill.bundle import Bundle
-from halfstep.distill.engines import Engine, EngineError, TorchEngine
+from halfstep.export.manifest import export_entries, missing_students
+
+from .base import Engine, EngineError
+from .eager import TorchEngine
 
 BACKENDS = ("auto", "torch", "cudagraph", "onnxruntime", "tensorrt")
 
 
 def has_onnx_exports(bundle: Bundle) -> bool:
     """Every student has an ONNX entry in bundle.json (files are verified when loaded)."""
-    from .manifest import export_entries, missing_students
-
     return bool(bundle.student_steps) and not missing_students(bundle,
                                                                export_entries(bundle, "onnx"))
 
@@ -49,11 +51,11 @@ def make_engine(bundle: Bundle, backend: str = "auto", buckets: tuple[int, ...] 
         device = options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         return TorchEngine(bundle, device=device, buckets=buckets)
     if backend == "cudagraph":
-        from halfstep.distill.cudagraph import CudaGraphEngine  # raises EngineError without CUDA
+        from .cudagraph import CudaGraphEngine  # raises EngineError without CUDA
 
         return CudaGraphEngine(bundle, buckets=buckets, dtype=options.get("dtype", "float32"))
     if backend == "onnxruntime":
-        from .ort_engine import OrtEngine  # raises EngineError without onnxruntime
+        from .onnxruntime import OrtEngine  # raises EngineError without onnxruntime
 
         return OrtEngine(bundle, buckets=buckets, device=options.get("device") or "cpu",
                          threads=options.get("threads"))

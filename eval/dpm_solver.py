@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import DenoiseFn
-from ..schedule import CosineSchedule
+from halfstep.distill.sampling import DenoiseFn
+from halfstep.distill.schedule import CosineSchedule
 
 # A power of two, so every power-of-two step count lands exactly on t_i = i / N.
 TRAIN_TIMESTEPS = 1024

@@ -1,4 +1,4 @@
-"""Engines run a whole N-step sampler on a batch (docs/ARCHITECTURE.md, interface 3).
+"""The Engine interface: every backend runs a whole N-step sampler on a batch.
 
 `images = engine.run(model, steps, noise, labels)`: noise [B, C, H, W] float32 (draw it with
 `noise_for_seeds` so each request's image is independent of its batch), labels [B] int64
@@ -14,8 +14,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .bundle import Bundle
-from .sampling import ddim_sample
+from halfstep.distill.bundle import Bundle
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -119,39 +118,3 @@ class Engine(ABC):
 
     def default_keys(self) -> list[tuple[str, int]]:
         return [("student", s) for s in self.bundle.student_steps]
-
-
-# oneDNN runs batches of 1-3 images through other convolution kernels than larger batches, and
-# their last-bit differences can flip a uint8 pixel of a request depending on its batch. Padding
-# to 4 rows avoids those kernels (measured on torch 2.13 CPU, reference MNIST UNet, 4 steps:
-# rows of batches 1-3 differ from the same rows in a batch of 64 by up to 1.7e-6; rows of
-# batches 4 and 8 are bitwise equal). ONNX Runtime's CPU kernels gave bitwise-equal rows from
-# batch 1 up, so OrtEngine keeps min_rows = 1 (padding it to 4 rows tripled its batch-1 time,
-# 15 -> 45 ms at 4 steps).
-CPU_MIN_ROWS = 4
-
-
-class TorchEngine(Engine):
-    """Eager PyTorch on CPU or GPU: the reference every other engine is checked against."""
-
-    name = "torch"
-
-    def __init__(
-        self,
-        bundle: Bundle,
-        device: str | torch.device = "cpu",
-        buckets: tuple[int, ...] | None = None,
-    ) -> None:
-        super().__init__(bundle, buckets)
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise EngineError("device cuda requested but no CUDA GPU is available")
-        if self.device.type == "cpu":
-            self.min_rows = CPU_MIN_ROWS
-
-    def _run(self, model, steps, noise, labels):
-        den = self.bundle.denoiser(model, steps if model == "student" else None).to(self.device)
-        images = ddim_sample(
-            den, noise.to(self.device), labels.to(self.device), steps, den.schedule
-        )
-        return images.float().cpu()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import png_bytes, to_uint8
-from ..io import atomic_write_bytes, atomic_write_json
+from halfstep.distill.images import png_bytes, to_uint8
+from halfstep.distill.io import atomic_write_bytes, atomic_write_json
 
 METRICS = ("fd_classifier", "fid")  # lower is better
 LABELS = {"fd_classifier": "FD-classifier", "fid": "FID", "label_accuracy": "label acc"}

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import Bundle, BundleError
-from ..data import ImageDataset, load_mnist
-from ..io import atomic_torch_save
-from ..sample import request_seeds
-from ..sampling import ddim_sample, noise_for_seeds
+from halfstep.distill.bundle import Bundle, BundleError
+from halfstep.distill.data import ImageDataset, load_mnist
+from halfstep.distill.io import atomic_torch_save
+from halfstep.distill.sample import request_seeds
+from halfstep.distill.sampling import ddim_sample, noise_for_seeds
+
 from .classifier import ClassifierConfig, SmallCNN, classify, load_or_train, mnist_id
 from .dpm_solver import dpm_solver_sample
 from .fid import InceptionFeatures, inception_path

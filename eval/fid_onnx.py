@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write, sha256_file
+from halfstep.distill.io import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4  # features are O(0.1-1); export differences measured at 6e-6

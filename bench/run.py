@@ -1,5 +1,5 @@
 """`halfstep bench`: HTTP latency/throughput, in-process engines, the FLOP floor and the
-diffusers baseline, measured in one run (bench_load.py: HTTP; bench_floor.py: in process).
+diffusers baseline, measured in one run (http.py: HTTP; floor.py: in process).
 
 Everything is measured; `targets` compares the ratios with the issue's goals and reports the
 miss factor, never asserts.
@@ -14,9 +14,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
 from halfstep.distill.bundle import Bundle
 
-from . import bench_floor, bench_load
+from . import floor as bench_floor
+from . import http as bench_load
 
 STEPS = (1, 2, 4, 8, 16)
 QUICK_STEPS = (1, 4)

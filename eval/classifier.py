@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import MNIST_FILES, ImageDataset, load_mnist
-from ..io import atomic_save_safetensors, atomic_write_json
+from halfstep.distill.data import MNIST_FILES, ImageDataset, load_mnist
+from halfstep.distill.io import atomic_save_safetensors, atomic_write_json
 
 
 @dataclass(frozen=True)

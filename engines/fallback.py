@@ -1,0 +1,30 @@
+"""Compiled backends export the students only; the teacher runs on the eager engine.
+
+`TeacherFallback` composes the two through their public `run`, so each keeps its own input
+checks, padding rule and lock: the student engine's buckets are the ones the server sees.
+`OrtEngine` and `TensorRTEngine` are this composition over their student engines.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Engine
+
+
+class TeacherFallback(Engine):
+    """Students on `students` (ONNX Runtime, TensorRT), `model="teacher"` on `teacher`."""
+
+    def __init__(self, students: Engine, teacher: Engine) -> None:
+        super().__init__(students.bundle, students.buckets)
+        self.students, self.teacher = students, teacher
+        self.name = students.name
+        self.device = getattr(students, "device", None)
+        self.min_rows = students.min_rows
+
+    def run(self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor):
+        engine = self.teacher if model == "teacher" else self.students
+        return engine.run(model, steps, noise, labels)
+
+    def _run(self, model, steps, noise, labels):  # run() never pads or locks here
+        raise NotImplementedError
