@@ -26,24 +26,34 @@ def positive_ints_or_empty(text: str) -> list[int]:
     return positive_ints(text, allow_empty=True)
 
 
-def round_iterations(text: str) -> dict[int, int]:
-    """'4=500,2=1000' -> {4: 500, 2: 1000}: student steps -> iterations of the round making it."""
-    out: dict[int, int] = {}
+def _per_round(text: str, cast, name: str, example: str) -> dict:
+    """'STEPS=VALUE,...' -> {steps: value}: settings of the rounds named by the student's steps."""
+    out: dict = {}
     for item in (v.strip() for v in text.split(",")):
         if not item:
             continue
-        steps, sep, iters = item.partition("=")
+        steps, sep, value = item.partition("=")
         try:
             if not sep:
                 raise ValueError
-            n, k = int(steps), int(iters)
+            n, v = int(steps), cast(value)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected STEPS=ITERATIONS pairs such as 4=500,2=1000, got {item!r}"
+                f"expected STEPS={name.upper()} pairs such as {example}, got {item!r}"
             ) from None
-        if n < 1 or k < 1:
-            raise argparse.ArgumentTypeError(f"steps and iterations must be >= 1, got {item!r}")
+        if n < 1 or not v > 0:
+            raise argparse.ArgumentTypeError(f"steps must be >= 1 and {name} > 0, got {item!r}")
         if n in out:
             raise argparse.ArgumentTypeError(f"round {n} is given twice in {text!r}")
-        out[n] = k
+        out[n] = v
     return out
+
+
+def round_iterations(text: str) -> dict[int, int]:
+    """'4=500,2=1000' -> {4: 500, 2: 1000}: student steps -> iterations of the round making it."""
+    return _per_round(text, int, "iterations", "4=500,2=1000")
+
+
+def round_learning_rates(text: str) -> dict[int, float]:
+    """'128=5e-5,1=2e-4' -> {128: 5e-05, 1: 0.0002}: student steps -> that round's peak rate."""
+    return _per_round(text, float, "lr", "128=5e-5,1=2e-4")

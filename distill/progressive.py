@@ -1,7 +1,12 @@
-"""Progressive distillation, Algorithm 2 of Salimans & Ho (docs/PAPER.md section 5).
+"""Progressive distillation, Algorithm 2 of Salimans & Ho (2022).
 
 Each round trains an N-step student, initialised from the 2N-step teacher, to match two
 teacher DDIM steps with one of its own. Targets are formed in float64 under no_grad.
+
+Under torchrun (WORLD_SIZE > 1) every rank draws the round's whole batch from one generator
+seeded by (seed, round, iteration) and keeps its slice; DistributedDataParallel averages the
+gradients, so K processes train the same student as one (up to float summation order), and a
+run resumes after its last finished round at any world size.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -21,7 +27,7 @@ from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
 from .losses import WeightedXLoss
 from .sampling import ddim_sample, noise_for_seeds
-from .train import load_run
+from .train import dist_info, init_distributed_from_env, load_run, training_device
 
 
 @dataclass
@@ -37,6 +43,12 @@ class DistillConfig:
     round_iters: dict[int, int] = field(default_factory=dict)
     batch_size: int = 64
     lr: float = 1e-4
+    # Per-round peak learning rates, keyed like round_iters: early rounds start within a
+    # fraction of a pixel level of their teacher and need a gentler rate than the last ones.
+    round_lr: dict[int, float] = field(default_factory=dict)
+    # Labels replaced by "no label" (index K), as in teacher training, so the students keep
+    # the unconditional path that /generate serves when no label is given.
+    label_dropout: float = 0.1
     data: str | None = None
     name: str | None = None
     seed: int = 0
@@ -61,10 +73,25 @@ class DistillConfig:
             )
         if any(k < 1 for k in self.round_iters.values()):
             raise ValueError("--round-iters: every round needs >= 1 iteration")
+        self.round_lr = {int(n): float(v) for n, v in self.round_lr.items()}
+        unknown = sorted(set(self.round_lr) - set(self.round_steps()))
+        if unknown:
+            raise ValueError(
+                f"--round-lr names student steps {unknown}, but this run's rounds make "
+                f"students with {self.round_steps()} steps"
+            )
+        if any(not v > 0 for v in self.round_lr.values()):
+            raise ValueError("--round-lr: every learning rate must be > 0")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
 
     def iters_for(self, n_student: int) -> int:
         """Iterations of the round that makes the n_student-step student."""
         return self.round_iters.get(n_student, self.iters_per_round)
+
+    def lr_for(self, n_student: int) -> float:
+        """Peak learning rate of the round that makes the n_student-step student."""
+        return self.round_lr.get(n_student, self.lr)
 
     def round_steps(self) -> list[int]:
         """Student step counts in order: from_steps/2, ..., to_steps."""
@@ -113,13 +140,16 @@ def distillation_loss(
     i: torch.Tensor,
     n_student: int,
 ) -> torch.Tensor:
-    """Algorithm 2 loss: t = i/N, z_t = alpha_t x + sigma_t eps, w(lambda_t)||x_tgt - x_hat||^2."""
+    """Algorithm 2 loss: t = i/N, z_t = alpha_t x + sigma_t eps, w(lambda_t)||x_tgt - x_hat||^2.
+
+    `student` may be wrapped in DistributedDataParallel; it shares the teacher's schedule."""
+    sched = teacher.schedule
     t = i.double() / n_student
-    alpha, sigma = student.schedule.alpha_sigma(t)
+    alpha, sigma = sched.alpha_sigma(t)
     z_t = alpha.view(-1, 1, 1, 1) * x.double() + sigma.view(-1, 1, 1, 1) * eps.double()
     x_tgt = distillation_target(teacher, z_t, t, labels, n_student)
     x_hat = student(z_t.float(), t.float(), labels)
-    return loss_fn(x_tgt.float(), x_hat, student.schedule.log_snr(t.float()))
+    return loss_fn(x_tgt.float(), x_hat, sched.log_snr(t.float()))
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -132,8 +162,9 @@ def disable_dropout(model: nn.Module) -> None:
 def probe_gap(student: Denoiser, teacher: Denoiser, n_student: int, size: int) -> float:
     """Mean |student N-step sample - teacher 2N-step sample| in [0, 255] pixel units."""
     cfg = student.config
-    noise = noise_for_seeds(list(range(size)), cfg.image_shape)
-    labels = torch.arange(size) % max(1, cfg.num_labels)
+    device = next(student.parameters()).device
+    noise = noise_for_seeds(list(range(size)), cfg.image_shape).to(device)
+    labels = (torch.arange(size) % max(1, cfg.num_labels)).to(device)
     a = ddim_sample(student.eval(), noise, labels, n_student, student.schedule)
     b = ddim_sample(teacher.eval(), noise, labels, 2 * n_student, teacher.schedule)
     return float((a - b).abs().mean() * 127.5)
@@ -148,35 +179,47 @@ def distill_round(
     progress: bool = True,
 ) -> tuple[Denoiser, dict]:
     """Train an N-step student from a 2N-step teacher; returns it and the round's metrics."""
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} must divide evenly over {world} processes")
+    device = next(teacher.parameters()).device
     student = copy.deepcopy(teacher).requires_grad_(True)
     disable_dropout(student)
     teacher.eval().requires_grad_(False)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)  # fresh Adam every round
+    net = student
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr_for(n_student))  # fresh every round
     gap_start = probe_gap(student, teacher, n_student, cfg.probe_size)
     started, losses = time.perf_counter(), []
-    K = cfg.iters_for(n_student)
+    K, peak_lr = cfg.iters_for(n_student), cfg.lr_for(n_student)
+    part = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     bar = tqdm(
         range(K),
         desc=f"{2 * n_student}->{n_student} steps",
-        disable=not progress,
+        disable=not progress or rank != 0,
         dynamic_ncols=True,
     )
     for k in bar:
+        # The whole global batch from one generator, identical on every rank; each keeps its part.
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n_student * 100_003 + k)
         idx = torch.randint(len(dataset), (cfg.batch_size,), generator=g)
         x, labels = dataset.batch(idx)
-        drop = torch.rand(cfg.batch_size, generator=g) < 0.1  # keep unconditional sampling
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
         labels = torch.where(drop, teacher.config.num_labels, labels)
         eps = torch.randn(x.shape, generator=g)
         i = torch.randint(1, n_student + 1, (cfg.batch_size,), generator=g)
         for group in opt.param_groups:  # linear anneal to 0 over the round
-            group["lr"] = cfg.lr * (1.0 - k / K)
+            group["lr"] = peak_lr * (1.0 - k / K)
         student.train()
-        loss = distillation_loss(student, teacher, loss_fn, x, eps, labels, i, n_student)
+        x, eps, labels, i = (v[part].to(device) for v in (x, eps, labels, i))
+        loss = distillation_loss(net, teacher, loss_fn, x, eps, labels, i, n_student)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(_global_mean(loss.detach(), world))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     student.eval().requires_grad_(False)
     metrics = {
@@ -185,25 +228,26 @@ def distill_round(
         "s_per_iter": round((time.perf_counter() - started) / K, 4),
         "gap_to_teacher_start": round(gap_start, 3),
         "gap_to_teacher_end": round(probe_gap(student, teacher, n_student, cfg.probe_size), 3),
+        "lr": peak_lr,
+        "processes": world,
     }
     return student, metrics
 
 
 def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Teacher run -> bundle with one student per round; each written as its round ends."""
+    """Teacher run -> bundle with one student per round; each written as its round ends.
+
+    Under torchrun rank 0 writes the bundle and the others wait for each write."""
+    init_distributed_from_env()
+    rank, _ = dist_info()
+    device = training_device()
     train_cfg, teacher = load_run(cfg.teacher)
     dataset = load_dataset(cfg.data or train_cfg.data)
     out = Path(cfg.out)
-    done: list[int] = []
-    if resume and (out / "bundle.json").is_file():
-        bundle = Bundle(out)
-        done = bundle.student_steps
-        if done:
-            teacher = bundle.denoiser("student", min(done))
-        print(f"resuming {out}: students {done} already distilled")
-    elif (out / "bundle.json").is_file():
+    exists = (out / "bundle.json").is_file()
+    if exists and not resume:
         raise BundleError(f"{out} already holds a bundle; pass --resume or choose another --out")
-    else:
+    if not exists and rank == 0:
         configs = {"train": train_cfg.to_dict(), "distill": asdict(cfg)}
         create_bundle(
             out,
@@ -214,23 +258,48 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
             cfg.teacher_max_steps,
             configs,
         )
+    _barrier()
+    done = Bundle(out).student_steps if exists else []
+    if done:
+        teacher = Bundle(out).denoiser("student", min(done))
+    if exists and rank == 0:
+        print(f"resuming {out}: students {done} already distilled")
+    teacher = teacher.to(device)
     loss_fn = WeightedXLoss(train_cfg.weighting)
     for n in cfg.round_steps():
         if n in done:
             continue
         student, metrics = distill_round(teacher, dataset, n, cfg, loss_fn, progress)
-        add_student(
-            out,
-            n,
-            student.unet.state_dict(),
-            {"distilled_from": 2 * n, "iters": cfg.iters_for(n), "metrics": metrics},
-        )
-        print(
-            f"round {2 * n}->{n}: loss {metrics['loss_last_50']:.5f}, {metrics['wall_s']} s, "
-            f"gap to teacher {metrics['gap_to_teacher_start']} -> "
-            f"{metrics['gap_to_teacher_end']} (mean |pixel diff|, 0..255)",
-            flush=True,
-        )
+        if rank == 0:
+            add_student(
+                out,
+                n,
+                {k: v.cpu() for k, v in student.unet.state_dict().items()},
+                {"distilled_from": 2 * n, "iters": cfg.iters_for(n), "metrics": metrics},
+            )
+            print(
+                f"round {2 * n}->{n}: loss {metrics['loss_last_50']:.5f}, lr {metrics['lr']:g}, "
+                f"{metrics['wall_s']} s, gap to teacher {metrics['gap_to_teacher_start']} -> "
+                f"{metrics['gap_to_teacher_end']} (mean |pixel diff|, 0..255)",
+                flush=True,
+            )
+        _barrier()
         teacher = student
     read_manifest(out)  # the finished manifest parses
+    if rank == 0:
+        print(f"bundle written to {out}", flush=True)
     return out
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    """The loss over the whole global batch (each rank holds the mean of its slice)."""
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return value.item()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

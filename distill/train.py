@@ -67,18 +67,29 @@ class TrainConfig:
         return cls(data=data, out=out, preset=preset, model=model, **kwargs)
 
 
-def _dist_info() -> tuple[int, int]:
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def init_distributed_from_env() -> bool:
-    """Join a torchrun group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA)."""
+    """Join a torchrun group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA, one GPU per
+    process chosen by LOCAL_RANK)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def training_device() -> torch.device:
+    """This process's GPU under torchrun (or the only one), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def draw_global_batch(cfg: TrainConfig, step: int, dataset: ImageDataset):
@@ -140,14 +151,10 @@ def train(
 ) -> Path:
     """Train a teacher; returns the run directory (config.json, ema.safetensors, checkpoint)."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    rank, world = _dist_info()
+    rank, world = dist_info()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} must divide evenly over {world} processes")
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    device = training_device()
     dataset = load_dataset(cfg.data)
     if dataset.image_shape != cfg.model.image_shape:
         raise ValueError(f"data shape {dataset.image_shape} != model shape {cfg.model.image_shape}")

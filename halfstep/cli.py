@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from halfstep import __version__
-from halfstep.distill.cli_args import positive_ints, round_iterations
+from halfstep.distill.cli_args import positive_ints, round_iterations, round_learning_rates
 
 
 class UsageError(Exception):
@@ -99,7 +99,20 @@ def _add_distill(sub) -> None:
         help="per-round overrides by the student's step count, e.g. 4=500,2=1000,1=1000",
     )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of every round")
+    p.add_argument(
+        "--round-lr",
+        type=round_learning_rates,
+        default={},
+        metavar="STEPS=LR,...",
+        help="per-round peak learning rates by the student's step count, e.g. 128=5e-5,64=5e-5",
+    )
+    p.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="fraction of labels replaced by 'no label', keeping unconditional sampling (0.1)",
+    )
     p.add_argument("--data", default=None, help="defaults to the teacher's training data")
     p.add_argument("--name", default=None, help="bundle name (default: the directory name)")
     p.add_argument("--seed", type=int, default=0)
@@ -120,6 +133,8 @@ def cmd_distill(args) -> int:
         round_iters=args.round_iters,
         batch_size=args.batch_size,
         lr=args.lr,
+        round_lr=args.round_lr,
+        label_dropout=args.label_dropout,
         data=absolute_spec(args.data) if args.data else None,
         name=args.name,
         seed=args.seed,

@@ -5,7 +5,12 @@ import argparse
 
 import pytest
 
-from halfstep.distill.cli_args import positive_ints, positive_ints_or_empty, round_iterations
+from halfstep.distill.cli_args import (
+    positive_ints,
+    positive_ints_or_empty,
+    round_iterations,
+    round_learning_rates,
+)
 
 
 def test_positive_ints():
@@ -28,6 +33,14 @@ def test_round_iterations():
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             round_iterations(bad)
+
+
+def test_round_learning_rates():
+    assert round_learning_rates("128=5e-5,1=2e-4") == {128: 5e-5, 1: 2e-4}
+    for bad, message in [("128=fast", "STEPS=LR"), ("4=0", "lr > 0"), ("0=1e-4", ">= 1"),
+                         ("2=1e-4,2=2e-4", "twice")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            round_learning_rates(bad)
 
 
 def test_bad_round_iters_is_a_usage_error(capsys):
