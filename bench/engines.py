@@ -6,7 +6,7 @@
 Each cell is the median of `repeats` timed `engine.run` calls (noise in, CPU images out: what
 the server sees) after untimed warm-up runs. Without --bundle, a random-weight bundle with the
 reference MNIST architecture (ModelConfig defaults) is built in a temporary directory: weights
-do not change the speed.
+do not change the speed. `halfstep bench` times its engines with the same `bench_engines`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,11 +28,11 @@ from halfstep.distill.cli_args import positive_ints
 from halfstep.distill.denoiser import Denoiser, ModelConfig
 from halfstep.distill.sampling import noise_for_seeds
 from halfstep.engines.base import Engine, EngineError
-from halfstep.engines.eager import TorchEngine
+from halfstep.engines.factory import make_engine
 
-BACKENDS = ("torch", "cudagraph")
-TARGET_GRAPH_SPEEDUP = 3.0  # cudagraph vs eager, 4-step student, batch 1
-TARGET_TEACHER_RATIO = 50.0  # 4-step student vs teacher at 256 steps, batch 1
+from .targets import TARGET_GRAPH_SPEEDUP, TARGET_TEACHER_RATIO, find_row
+
+BACKENDS = ("torch", "cudagraph")  # the default comparison; any make_engine backend is accepted
 
 
 def random_bundle(root: str | Path, student_steps=(1, 2, 4, 8), teacher_max_steps: int = 1024,
@@ -48,44 +49,54 @@ def random_bundle(root: str | Path, student_steps=(1, 2, 4, 8), teacher_max_step
     return Path(root)
 
 
-def make_bench_engine(bundle: Bundle, backend: str, buckets: tuple[int, ...],
-                      dtype: str = "float32") -> Engine:
-    if backend == "torch":
-        return TorchEngine(bundle, "cuda" if torch.cuda.is_available() else "cpu", buckets)
-    if backend == "cudagraph":
-        from halfstep.engines.cudagraph import CudaGraphEngine
-
-        return CudaGraphEngine(bundle, buckets=buckets, dtype=dtype)
-    raise EngineError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-
-
-def _sync() -> None:
+def cuda_sync() -> None:
+    """Wait for queued GPU work, so a timer around a call includes its kernels."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def time_run(engine: Engine, model: str, steps: int, batch: int, repeats: int,
-             warmup_runs: int = 1) -> list[float]:
-    """Seconds per engine.run for `repeats` timed calls after `warmup_runs` untimed ones."""
-    k = engine.bundle.num_labels
-    noise = noise_for_seeds(list(range(batch)), engine.bundle.image_shape)
-    labels = torch.arange(batch, dtype=torch.int64) % (k + 1)
+def time_calls(fn: Callable[[], object], repeats: int, warmup_runs: int = 1) -> list[float]:
+    """Seconds per fn() for `repeats` timed calls after `warmup_runs` untimed ones."""
+    if repeats < 1 or warmup_runs < 0:
+        raise ValueError("repeats must be >= 1, warmup_runs >= 0")
     for _ in range(warmup_runs):
-        engine.run(model, steps, noise, labels)
+        fn()
     times = []
     for _ in range(repeats):
-        _sync()
+        cuda_sync()
         started = time.perf_counter()
-        engine.run(model, steps, noise, labels)
-        _sync()
+        fn()
+        cuda_sync()
         times.append(time.perf_counter() - started)
     return times
 
 
+def time_run(engine: Engine, model: str, steps: int, batch: int, repeats: int,
+             warmup_runs: int = 1) -> list[float]:
+    """Seconds per engine.run (noise in, CPU images out) on `batch` seeded inputs."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    noise = noise_for_seeds(list(range(batch)), engine.bundle.image_shape)
+    labels = torch.arange(batch, dtype=torch.int64) % (engine.bundle.num_labels + 1)
+    return time_calls(lambda: engine.run(model, steps, noise, labels), repeats, warmup_runs)
+
+
+def device_label() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def bench_engines(bundle: Bundle, backends=BACKENDS, steps_list=(1, 2, 4, 8), batches=(1, 8, 64),
                   teacher_steps: int | None = 256, repeats: int = 5, teacher_batches=(1,),
-                  dtype: str = "float32", warmups: dict | None = None) -> list[dict]:
-    """One row per (backend, model, steps, batch); `warmups` gets each engine's warm-up report."""
+                  dtype: str = "float32", warmups: dict | None = None,
+                  skipped: dict | None = None, progress=None) -> list[dict]:
+    """One row per (backend, model, steps, batch), engines built by `make_engine`.
+
+    `warmups` gets each engine's warm-up report. With `skipped`, a backend that cannot be built
+    or warmed up here is recorded in it (backend -> why) and left out instead of raising.
+    `progress` gets a line before each cell.
+    """
     if repeats < 1:
         raise EngineError(f"repeats must be >= 1, got {repeats}")
     for steps in steps_list:
@@ -96,15 +107,22 @@ def bench_engines(bundle: Bundle, backends=BACKENDS, steps_list=(1, 2, 4, 8), ba
     if teacher_steps:
         cells += [("teacher", teacher_steps, b) for b in teacher_batches]
     buckets = tuple(sorted({b for _, _, b in cells}))  # exact buckets: no padding in the timings
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    device = device_label()
     rows = []
     for backend in backends:
-        engine = make_bench_engine(bundle, backend, buckets, dtype)
-        report = engine.warmup([("student", s) for s in steps_list])
+        try:
+            engine = make_engine(bundle, backend, buckets, dtype=dtype)
+            report = engine.warmup([("student", s) for s in steps_list])
+        except Exception as exc:  # e.g. a TensorRT engine that was never built
+            if skipped is None:
+                raise
+            skipped[backend] = f"{type(exc).__name__}: {exc}"
+            continue
         if warmups is not None:
             warmups[backend] = report
         for model, steps, batch in cells:
+            if progress is not None:
+                progress(f"bench: engine {backend} {model} {steps} steps batch {batch}")
             times = time_run(engine, model, steps, batch, repeats)
             median = statistics.median(times)
             rows.append({
@@ -118,24 +136,19 @@ def bench_engines(bundle: Bundle, backends=BACKENDS, steps_list=(1, 2, 4, 8), ba
     return rows
 
 
-def _find(rows, backend, model, steps, batch):
-    return next((r for r in rows if (r["backend"], r["model"], r["steps"], r["batch"])
-                 == (backend, model, steps, batch)), None)
-
-
 def targets(rows: list[dict]) -> dict:
-    """The issue's targets where the rows allow them: graph speedup and student vs teacher."""
+    """The goals the rows allow: cudagraph speedup over eager, and student vs teacher."""
     out = {}
-    eager, graph = _find(rows, "torch", "student", 4, 1), _find(rows, "cudagraph", "student", 4, 1)
+    eager = find_row(rows, backend="torch", model="student", steps=4, batch=1)
+    graph = find_row(rows, backend="cudagraph", model="student", steps=4, batch=1)
     if eager and graph:
         speedup = eager["median_ms"] / graph["median_ms"]
         out["cudagraph_speedup_4step_b1"] = {"value": round(speedup, 2),
                                              "target": TARGET_GRAPH_SPEEDUP,
                                              "met": speedup >= TARGET_GRAPH_SPEEDUP}
     for backend in dict.fromkeys(r["backend"] for r in rows):
-        student = _find(rows, backend, "student", 4, 1)
-        teacher = next((r for r in rows if r["backend"] == backend and r["model"] == "teacher"
-                        and r["batch"] == 1), None)
+        student = find_row(rows, backend=backend, model="student", steps=4, batch=1)
+        teacher = find_row(rows, backend=backend, model="teacher", batch=1)
         if student and teacher:
             ratio = teacher["median_ms"] / student["median_ms"]
             out[f"{backend}_student4_vs_teacher{teacher['steps']}_b1"] = {
@@ -150,7 +163,8 @@ def format_table(rows: list[dict]) -> str:
            f"{'median ms':>10} {'ms/img':>9} {'img/s':>9} {'x eager':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        eager = _find(rows, "torch", r["model"], r["steps"], r["batch"])
+        eager = find_row(rows, backend="torch", model=r["model"], steps=r["steps"],
+                         batch=r["batch"])
         speedup = f"{eager['median_ms'] / r['median_ms']:.2f}" if eager else "-"
         lines.append(f"{r['backend']:<10} {r['dtype']:<8} {r['model']:<7} {r['steps']:>5} "
                      f"{r['batch']:>5} {r['median_ms']:>10.3f} {r['ms_per_image']:>9.3f} "
@@ -159,50 +173,6 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"target {name}: {t['value']}x (want >= {t['target']}x) "
                      f"{'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
-
-
-def time_engine(engine: Engine, model: str, steps: int, batch: int = 1, repeats: int = 30,
-                warmup: int = 3) -> float:
-    """Median wall time of engine.run in seconds on fixed random inputs."""
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise ValueError("batch and repeats must be >= 1, warmup >= 0")
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(batch, *engine.bundle.image_shape, generator=gen)
-    labels = torch.zeros(batch, dtype=torch.int64)
-    for _ in range(warmup):
-        engine.run(model, steps, noise, labels)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        engine.run(model, steps, noise, labels)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def ort_vs_torch(bundle: Bundle, steps: list[int] | None = None, batch: int = 1,
-                 repeats: int = 30, threads: int | None = None) -> list[dict]:
-    """Eager torch vs ONNX Runtime on the CPU, per student: median ms and speedup.
-
-    With `threads`, both runtimes get the same intra-op thread count for a fair comparison.
-    """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        from halfstep.engines.onnxruntime import OrtEngine
-
-        eager, ort_engine = TorchEngine(bundle), OrtEngine(bundle, threads=threads)
-        rows = []
-        for n in steps or bundle.student_steps:
-            with torch.inference_mode():
-                t_torch = time_engine(eager, "student", n, batch, repeats)
-            t_ort = time_engine(ort_engine, "student", n, batch, repeats)
-            rows.append({"steps": n, "batch": batch, "torch_ms": round(t_torch * 1e3, 3),
-                         "onnxruntime_ms": round(t_ort * 1e3, 3),
-                         "speedup": round(t_torch / t_ort, 2)})
-        return rows
-    finally:
-        torch.set_num_threads(previous)
 
 
 def main(argv: list[str] | None = None) -> int:

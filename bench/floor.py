@@ -1,4 +1,5 @@
-"""In-process side of `halfstep bench`: engines, the FLOP floor and the diffusers baseline."""
+"""In-process side of `halfstep bench`: which engines run here, the FLOP floor, the diffusers
+baseline (the engines themselves are timed by bench/engines.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,8 @@ import time
 import torch
 
 from halfstep.distill.bundle import Bundle
-from halfstep.engines.base import Engine
 
-from .engines import time_run
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from .engines import time_calls
 
 
 def device_name() -> str:
@@ -48,32 +43,6 @@ def engine_backends(bundle: Bundle) -> tuple[list[str], dict[str, str]]:
     return run, skipped
 
 
-def bench_engines(bundle: Bundle, steps_list: list[int], batches: list[int], repeats: int,
-                  progress=print) -> tuple[list[dict], dict[str, str]]:
-    """Median engine.run time per (backend, student steps, batch); skipped backends + why."""
-    from halfstep.engines.factory import make_engine
-
-    backends, skipped = engine_backends(bundle)
-    rows = []
-    for backend in backends:
-        try:
-            engine: Engine = make_engine(bundle, backend, buckets=tuple(sorted(set(batches))))
-            engine.warmup([("student", s) for s in steps_list])
-        except Exception as exc:  # e.g. a TensorRT engine that was never built
-            skipped[backend] = f"{type(exc).__name__}: {exc}"
-            continue
-        for steps in steps_list:
-            for batch in batches:
-                progress(f"bench: engine {backend} student {steps} steps batch {batch}")
-                with torch.inference_mode():
-                    times = time_run(engine, "student", steps, batch, repeats)
-                rows.append({"backend": backend, "steps": steps, "batch": batch,
-                             "median_ms": round(1e3 * statistics.median(times), 3),
-                             "repeats": repeats})
-        del engine
-    return rows, skipped
-
-
 def denoiser_flops(bundle: Bundle, steps: int, batch: int) -> int:
     """FLOPs of one denoiser call at this batch (FlopCounterMode counts matmul/conv work)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -94,11 +63,7 @@ def matmul_rate(size: int = 1024, seconds: float = 1.0) -> float:
     torch.mm(a, b)
     best, deadline = float("inf"), time.monotonic() + seconds
     while time.monotonic() < deadline:
-        _sync()
-        started = time.perf_counter()
-        torch.mm(a, b)
-        _sync()
-        best = min(best, time.perf_counter() - started)
+        best = min(best, *time_calls(lambda: torch.mm(a, b), repeats=1, warmup_runs=0))
     return 2.0 * size ** 3 / best
 
 
@@ -133,29 +98,27 @@ def bench_diffusers(bundle: Bundle, steps_list: list[int], repeats: int, batch: 
                     progress=print) -> list[dict]:
     """The peer baseline: the same student UNet weights under diffusers' DDIMScheduler
     (v-prediction, trailing spacing, squared-cosine betas), in process, median ms."""
-    from diffusers import DDIMScheduler
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for steps in steps_list:
         progress(f"bench: diffusers DDIMScheduler {steps} steps batch {batch}")
-        unet = bundle.denoiser("student", steps).unet.to(device).eval()
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                  prediction_type="v_prediction", timestep_spacing="trailing",
-                                  clip_sample=True)
-        gen = torch.Generator().manual_seed(0)
-        z = torch.randn(batch, *bundle.image_shape, generator=gen).to(device)
-        labels = torch.zeros(batch, dtype=torch.int64, device=device) \
-            if bundle.num_labels else None
-        times = []
-        with torch.inference_mode():
-            diffusers_sample(unet, scheduler, z, labels, steps)  # warm-up
-            for _ in range(repeats):
-                _sync()
-                started = time.perf_counter()
-                diffusers_sample(unet, scheduler, z, labels, steps).cpu()
-                _sync()
-                times.append(time.perf_counter() - started)
+        times = time_diffusers(bundle, steps, batch, repeats)
         rows.append({"steps": steps, "batch": batch,
                      "median_ms": round(1e3 * statistics.median(times), 3), "repeats": repeats})
     return rows
+
+
+def time_diffusers(bundle: Bundle, steps: int, batch: int, repeats: int) -> list[float]:
+    """Seconds per `diffusers_sample` of the student's UNet (CPU images out), after a warm-up."""
+    from diffusers import DDIMScheduler
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = bundle.denoiser("student", steps).unet.to(device).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction", timestep_spacing="trailing",
+                              clip_sample=True)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, *bundle.image_shape, generator=gen).to(device)
+    labels = torch.zeros(batch, dtype=torch.int64, device=device) if bundle.num_labels else None
+    with torch.inference_mode():
+        return time_calls(lambda: diffusers_sample(unet, scheduler, z, labels, steps).cpu(),
+                          repeats)

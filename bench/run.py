@@ -1,8 +1,8 @@
 """`halfstep bench`: HTTP latency/throughput, in-process engines, the FLOP floor and the
 diffusers baseline, measured in one run (http.py: HTTP; floor.py: in process).
 
-Everything is measured; `targets` compares the ratios with the issue's goals and reports the
-miss factor, never asserts.
+Everything is measured; `targets` compares the ratios with their goals (bench/targets.py) and
+reports the miss factor, never asserts.
 """
 
 from __future__ import annotations
@@ -19,16 +19,21 @@ from halfstep.distill.bundle import Bundle
 
 from . import floor as bench_floor
 from . import http as bench_load
+from .engines import bench_engines
+from .targets import (
+    TARGET_FLOOR,
+    TARGET_OVERHEAD,
+    TARGET_TEACHER_RATIO,
+    TARGET_THROUGHPUT,
+    TARGET_VS_DIFFUSERS,
+    find_row,
+)
 
 STEPS = (1, 2, 4, 8, 16)
 QUICK_STEPS = (1, 4)
 TEACHER_REFERENCE = 256
 CONCURRENCIES = (1, 8, 32)
-TARGET_TEACHER_RATIO = 50.0  # HTTP p50, student 4 vs teacher 256: >= 50x
-TARGET_OVERHEAD = 1.2  # HTTP p50 / engine time at batch 1: <= 1.2x
-TARGET_VS_DIFFUSERS = 0.5  # fastest engine / diffusers at 4 steps, batch 1: <= 0.5x
-TARGET_FLOOR = 0.5  # CPU engine at batch 64: >= 50% of the matmul rate
-TARGET_THROUGHPUT = 0.8  # (issue 5) images/s at the top concurrency / engine's best batched
+ENGINE_FIELDS = ("backend", "steps", "batch", "median_ms", "repeats")  # per engine row
 
 
 @dataclass
@@ -109,8 +114,10 @@ def run_bench(cfg: BenchConfig, progress=print) -> dict:
         result["skipped"]["in-process"] = "--url without --bundle: pass the server's bundle too"
     else:
         bundle = Bundle(cfg.bundle)
-        engines, engine_skips = bench_floor.bench_engines(bundle, students, list(cfg.batches),
-                                                          cfg.repeats, progress)
+        backends, engine_skips = bench_floor.engine_backends(bundle)
+        rows = bench_engines(bundle, backends, students, list(cfg.batches), teacher_steps=None,
+                             repeats=cfg.repeats, skipped=engine_skips, progress=progress)
+        engines = [{k: r[k] for k in ENGINE_FIELDS} for r in rows]
         result["skipped"].update({f"engine {k}": v for k, v in engine_skips.items()})
         result["engines"] = engines
         progress("bench: matmul rate and FLOP counts")
@@ -151,10 +158,6 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _get(rows, **match):
-    return next((r for r in rows or [] if all(r.get(k) == v for k, v in match.items())), None)
-
-
 def _target(value, goal, higher_is_better: bool, detail: str) -> dict:
     met = value >= goal if higher_is_better else value <= goal
     miss = None if met else round(goal / value if higher_is_better else value / goal, 2)
@@ -165,7 +168,7 @@ def _target(value, goal, higher_is_better: bool, detail: str) -> dict:
 def targets(r: dict) -> dict:
     out = {}
     lat = r["latency"]
-    s4 = _get(lat, model="student", steps=4)
+    s4 = find_row(lat, model="student", steps=4)
     teacher = [x for x in lat if x["model"] == "teacher"]
     ref = max(teacher, key=lambda x: x["steps"]) if teacher else None
     if s4 and ref and s4["p50_ms"] and ref["p50_ms"]:
@@ -174,13 +177,13 @@ def targets(r: dict) -> dict:
             f"teacher {ref['steps']} steps p50 / student 4 steps p50")
     engines = r.get("engines") or []
     backend = r["server"].get("backend")
-    e4 = _get(engines, backend=backend, steps=4, batch=1)
+    e4 = find_row(engines, backend=backend, steps=4, batch=1)
     if s4 and e4 and s4["p50_ms"]:
         out["server_overhead_b1"] = _target(s4["p50_ms"] / e4["median_ms"], TARGET_OVERHEAD,
                                             False, f"HTTP p50 / {backend} engine, 4 steps")
     fastest = min((e for e in engines if e["steps"] == 4 and e["batch"] == 1),
                   key=lambda e: e["median_ms"], default=None)
-    d4 = _get(r.get("diffusers"), steps=4, batch=1)
+    d4 = find_row(r.get("diffusers"), steps=4, batch=1)
     if fastest and d4:
         out["engine_vs_diffusers_4"] = _target(
             fastest["median_ms"] / d4["median_ms"], TARGET_VS_DIFFUSERS, False,

@@ -1,4 +1,4 @@
-"""Bundles: bundle.json plus safetensors weights (docs/ARCHITECTURE.md, interface 2).
+"""Bundles: bundle.json plus safetensors weights, the one artifact every later stage reads.
 
 bundle.json is self-describing: format version, image shape, label count, schedule,
 parameterization, time-input mapping, the teacher and every student with its sha256, the

@@ -1,7 +1,7 @@
 """The one Denoiser interface: x_hat = denoiser(z, t, label), wrapping a diffusers UNet2DModel.
 
-Teacher and students are both Denoisers; samplers and losses see nothing else
-(docs/ARCHITECTURE.md, interface 1).
+Teacher and students are both Denoisers; samplers and losses see nothing else, so the
+parameterization and time input are decided here and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from torch import nn
 from .parameterization import check_parameterization, output_channels, x_hat_from_output
 from .schedule import CosineSchedule
 
-# The time input the UNet sees: a sinusoid of 1000 * t, as in the official code (PAPER.md s.2).
+# The time input the UNet sees: its sinusoidal embedding of 1000 * t for t in [0, 1], the
+# scale of the official progressive distillation code.
 TIME_INPUT = "1000t"
 
 
@@ -92,18 +93,25 @@ class Denoiser(nn.Module):
     def unconditional_label(self) -> int:
         return self.config.num_labels
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None):
-        """z: [B,C,H,W]; t: [B] or scalar in [0, 1]; labels: [B] int64, K = no label."""
+    def forward(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                alpha: float | None = None, sigma: float | None = None) -> torch.Tensor:
+        """z: [B,C,H,W]; t: [B] or scalar in [0, 1]; labels: [B] int64, K = no label.
+
+        `alpha`, `sigma`: alpha_t, sigma_t as Python floats, for callers that bake the time grid
+        into constants computed in float64 (the ONNX sampler); by default they are computed
+        from t in float32.
+        """
         t = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(z.shape[0])
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        alpha, sigma = alpha.view(-1, 1, 1, 1).to(z.dtype), sigma.view(-1, 1, 1, 1).to(z.dtype)
+        if alpha is None or sigma is None:
+            a, s = self.schedule.alpha_sigma(t)
+            alpha, sigma = a.view(-1, 1, 1, 1).to(z.dtype), s.view(-1, 1, 1, 1).to(z.dtype)
         if self.config.num_labels:
             if labels is None:
                 labels = torch.full((z.shape[0],), self.unconditional_label, device=z.device)
             class_labels = labels.to(device=z.device, dtype=torch.long)
         else:
             class_labels = None
-        out = self.unet(z, 1000.0 * t.to(z.dtype), class_labels=class_labels).sample
+        out = self.unet(z, 1000.0 * t.to(z.dtype), class_labels=class_labels).sample  # TIME_INPUT
         return x_hat_from_output(self.config.parameterization, out, z, alpha, sigma)
 
 

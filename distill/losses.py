@@ -1,4 +1,7 @@
-"""Loss weightings, all written as w(lambda) * ||x - x_hat||^2 (docs/PAPER.md section 3)."""
+"""Loss weightings, all written as w(lambda) * ||x - x_hat||^2, with lambda the log-SNR.
+
+eps-MSE = SNR x-MSE and v-MSE = (SNR + 1) x-MSE, so each weighting is a weight on x-MSE.
+"""
 
 from __future__ import annotations
 

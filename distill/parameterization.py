@@ -1,4 +1,4 @@
-"""Network output -> x_hat for each parameterization (docs/PAPER.md section 2)."""
+"""Network output -> x_hat for each parameterization: v, x, eps, or both (x and eps mixed)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ PRESETS: dict[str, dict] = {
         "train": {"max_steps": 50, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5,
                   "checkpoint_every": 25, "ema_decay": 0.9},
     },
-    # The reference MNIST teacher: ~1.06 M parameters, no attention (issue 6).
+    # The reference MNIST teacher: ~1.06 M parameters, no attention (convolutions only).
     "mnist": {
         "model": {"block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 32},
         "train": {"max_steps": 6000, "batch_size": 64, "lr": 2e-4, "warmup_steps": 200,

@@ -13,7 +13,7 @@ from .sampling import ancestral_sample, ddim_sample, noise_for_seeds
 
 
 def request_seeds(seed: int, n: int) -> list[int]:
-    """Image i of a request with seed s uses seed s + i (documented in the README)."""
+    """Image i of a request with seed s uses seed s + i: promised to users, never change it."""
     return [seed + i for i in range(n)]
 
 

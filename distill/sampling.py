@@ -1,4 +1,4 @@
-"""Samplers: small stateless functions over a Denoiser (docs/PAPER.md section 4).
+"""Samplers: small stateless functions over a Denoiser, deterministic DDIM and ancestral.
 
 The time grid is baked in as Python floats (float64), so the loops unroll cleanly into a
 CUDA graph or an ONNX graph.
@@ -61,7 +61,7 @@ def ancestral_sample(
     generator: torch.Generator | None = None,
     gamma: float = 0.3,
 ) -> torch.Tensor:
-    """Stochastic ancestral sampler for the teacher (PAPER.md section 4).
+    """Stochastic ancestral sampler for the teacher.
 
     Mean exp(l_t - l_s)(a_s/a_t) z_t + (1 - exp(l_t - l_s)) a_s x_hat; the log-variance is
     interpolated with weight gamma between (1 - r) sigma_s^2 and (1 - r) sigma_t^2.
@@ -89,7 +89,7 @@ def ancestral_sample(
 
 
 def noise_for_seeds(seeds: list[int], shape: tuple[int, ...], device="cpu") -> torch.Tensor:
-    """One generator per request seed, so an image never depends on its batch (STYLE habit 6).
+    """One generator per request seed, so an image never depends on its batch.
 
     Noise is drawn on the CPU and moved, so CPU and GPU engines see the same z_1 for a seed.
     """

@@ -1,4 +1,4 @@
-"""Continuous-time cosine schedule with clipped log-SNR (docs/PAPER.md section 1).
+"""Continuous-time cosine schedule with clipped log-SNR: alpha_t, sigma_t and lambda_t.
 
 z_t = alpha_t x + sigma_t eps, alpha_t^2 = sigmoid(lambda_t), sigma_t^2 = sigmoid(-lambda_t).
 Everything here runs in the dtype of its input: pass float32 or float64, never half.

@@ -1,10 +1,11 @@
 """CudaGraphEngine: the unrolled N-step DDIM loop as one CUDA graph per (model, steps, bucket).
 
-docs/SERVING.md, "CUDA graphs for the whole N-step loop". `ddim_sample` bakes the time grid and
-alpha/sigma in as Python floats and builds each step's t with `torch.full` (a fill kernel whose
-value is a kernel argument), and the UNet forward has no host syncs or data-dependent branches,
-so running it on static buffers under capture records all N steps as one graph. Noise is drawn
-by the caller (`noise_for_seeds`) outside the graph, so an image never depends on its batch.
+One replay launches every kernel of all N steps, so a small batch no longer pays the Python
+and launch overhead of each kernel. `ddim_sample` bakes the time grid and alpha/sigma in as
+Python floats and builds each step's t with `torch.full` (a fill kernel whose value is a kernel
+argument), and the UNet forward has no host syncs or data-dependent branches, so running it on
+static buffers under capture records all N steps as one graph. Noise is drawn by the caller
+(`noise_for_seeds`) outside the graph, so an image never depends on its batch.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from .base import Engine, EngineError
 
 # oneDNN runs batches of 1-3 images through other convolution kernels than larger batches, and
 # their last-bit differences can flip a uint8 pixel of a request depending on its batch. Padding
-# to 4 rows avoids those kernels (measured on torch 2.13 CPU, reference MNIST UNet, 4 steps:
+# to 4 rows avoids those kernels (torch 2.13 on CPU, reference MNIST UNet, 4 steps:
 # rows of batches 1-3 differ from the same rows in a batch of 64 by up to 1.7e-6; rows of
 # batches 4 and 8 are bitwise equal). ONNX Runtime's CPU kernels gave bitwise-equal rows from
 # batch 1 up, so OrtEngine keeps min_rows = 1 (padding it to 4 rows tripled its batch-1 time,

@@ -34,7 +34,7 @@ def auto_backend(bundle: Bundle) -> str:
 
 
 def missing_exports_only(bundle: Bundle) -> bool:
-    """auto picks eager torch on this CPU machine only because the bundle has no ONNX exports."""
+    """auto picks eager torch here (no GPU) only because the bundle has no ONNX exports."""
     return (not torch.cuda.is_available() and importlib.util.find_spec("onnxruntime") is not None
             and not has_onnx_exports(bundle))
 

@@ -1,4 +1,4 @@
-"""`halfstep eval`: quality of the distilled students against the teacher (issue 6).
+"""`halfstep eval`: quality of the distilled students against the teacher.
 
 Registered by halfstep/cli.py as a plugin; heavy imports stay inside the handler.
 """

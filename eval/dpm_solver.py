@@ -5,9 +5,9 @@ alphas_cumprod[k]. We identify index k with continuous time t = (k + 1) / T and 
 alphas_cumprod (and the alpha_t / sigma_t / lambda_t buffers derived from it) with our
 alpha_t^2, so the solver integrates our schedule exactly at every grid point it visits.
 `timestep_spacing="trailing"` makes the first model call at k = T - 1, i.e. t = 1 (the default
-"linspace"/"leading" spacings would start below t = 1, see STYLE habit 5). The denoiser is
-wrapped as a `prediction_type="sample"` model: it returns x_hat clipped to [-1, 1], as in our
-DDIM sampler, so the two samplers differ only in the solver.
+"linspace"/"leading" spacings would start below t = 1, treating the pure noise z_1 as a less
+noisy z_t). The denoiser is wrapped as a `prediction_type="sample"` model: it returns x_hat
+clipped to [-1, 1], as in our DDIM sampler, so the two samplers differ only in the solver.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Results of `halfstep eval`: the table, JSON, the quality-vs-steps plot, sample grids, and
-the issue's targets checked against the numbers."""
+the quality targets checked against the numbers."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _label_target(results: dict, student: dict | None) -> dict:
 
 
 def check_targets(results: dict) -> list[dict]:
-    """The issue's targets, each pass/fail (None: a row it needs was not measured)."""
+    """The quality targets, each pass/fail (None: a row it needs was not measured)."""
     out = []
     missing = "not measured"
     for metric in METRICS:
@@ -140,7 +140,7 @@ def write_json(results: dict, path: str | os.PathLike) -> Path:
 
 
 def plot(results: dict, path: str | os.PathLike) -> Path:
-    """Quality against steps (log x), one line per method, the real-data floor dashed (Fig. 4)."""
+    """Quality against steps (log x), one line per method, the real-data floor dashed."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -9,12 +9,13 @@ leaves the previous bundle, exports included, loadable and verified.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from halfstep.distill.bundle import Bundle, BundleError, update_manifest
-from halfstep.distill.io import sha256_file
+from halfstep.distill.io import atomic_write_bytes, sha256_file
 
 FORMATS = ("onnx", "tensorrt")
 
@@ -30,6 +31,14 @@ def export_entries(bundle: Bundle, fmt: str, match: Callable[[dict], bool] | Non
             if match is None or match(entry):
                 found[int(entry["steps"])] = entry
     return found
+
+
+def requested_students(bundle: Bundle, steps: list[int] | None) -> list[int]:
+    """`steps`, or every student when None; each must be a student of the bundle."""
+    steps = list(bundle.student_steps if steps is None else steps)
+    for n in steps:
+        bundle.check_steps("student", n)
+    return steps
 
 
 def missing_students(bundle: Bundle, entries: dict[int, dict]) -> list[int]:
@@ -77,3 +86,26 @@ def remove_unreferenced(root: str | os.PathLike, files: list[str]) -> None:
                 path.unlink()
             except FileNotFoundError:
                 pass
+
+
+def write_export(root: str | os.PathLike, data: bytes, fmt: str, steps: int,
+                 filename: Callable[[str], str], fields: dict,
+                 same_slot: Callable[[dict], bool] = lambda e: True) -> dict:
+    """Write one student's export into the bundle and record it; returns its manifest entry.
+
+    The file is named `filename(sha256)` and written atomically before bundle.json names it;
+    the entry replaces the student's `fmt` entries for which `same_slot(old)` holds, and the
+    files they named are deleted once the new manifest is on disk.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    sha = hashlib.sha256(data).hexdigest()
+    name = filename(sha)
+    atomic_write_bytes(Path(root) / name, data)
+    entry = {"format": fmt, "model": "student", "steps": steps, "file": name, "sha256": sha,
+             **fields}
+    stale = record_export(root, entry, lambda e: e.get("format") == fmt
+                          and e.get("model") == "student" and e.get("steps") == steps
+                          and same_slot(e))
+    remove_unreferenced(root, stale)
+    return entry

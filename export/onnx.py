@@ -20,17 +20,15 @@ from torch import nn
 
 from halfstep.distill.bundle import Bundle
 from halfstep.distill.denoiser import Denoiser
-from halfstep.distill.io import atomic_write_bytes
-from halfstep.distill.parameterization import x_hat_from_output
 from halfstep.distill.sample import reference_images
 from halfstep.distill.sampling import ddim_sample
 from halfstep.distill.schedule import time_grid
 
-from .manifest import record_export, remove_unreferenced
+from .manifest import requested_students, write_export
 
 EXPORTERS = ("torchscript", "dynamo")
 # TorchScript tracing exports diffusers' UNet2DModel reliably under torch 2.13 and is several
-# times faster to run than torch.export; dynamo is kept selectable and tested (see README).
+# times faster to run than torch.export; dynamo stays selectable (--exporter dynamo).
 DEFAULT_EXPORTER = "torchscript"
 OPSET = 18
 PARITY_ATOL = 1e-4  # float32, max abs difference against the eager reference sampler
@@ -44,7 +42,7 @@ class ExportError(ValueError):
 class UnrolledSampler(nn.Module):
     """noise, labels -> images: `ddim_sample` of one student, as a module the exporters trace.
 
-    The denoiser call is Denoiser.forward with alpha_t, sigma_t baked in as float64-derived
+    Each step calls Denoiser.forward with alpha_t, sigma_t passed in as float64-derived
     constants: computed in the graph, ORT's float32 Sigmoid returns alpha(t=1) = 0 instead of
     4.5e-5 (its relative precision is poor for large negative inputs), which alone costs
     ~2e-4 of parity. The parity check against the real Denoiser catches any drift.
@@ -57,14 +55,11 @@ class UnrolledSampler(nn.Module):
         self.alpha_sigma = [denoiser.schedule.alpha_sigma_float(t) for t in time_grid(steps)[:-1]]
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        config = self.denoiser.config
         constants = iter(self.alpha_sigma)  # ddim_sample calls denoise once per step, in order
 
         def denoise(z, t, class_labels):
             alpha, sigma = next(constants)
-            out = self.denoiser.unet(z, 1000.0 * t, class_labels=class_labels
-                                     if config.num_labels else None).sample
-            return x_hat_from_output(config.parameterization, out, z, alpha, sigma)
+            return self.denoiser(z, t, class_labels, alpha=alpha, sigma=sigma)
 
         return ddim_sample(denoise, noise, labels, self.steps, self.denoiser.schedule, clip=True)
 
@@ -142,14 +137,10 @@ def export_onnx(root: str | os.PathLike, steps: list[int] | None = None,
                 exporter: str = DEFAULT_EXPORTER, opset: int = OPSET, max_batch: int = 64,
                 atol: float = PARITY_ATOL, log=print) -> list[dict]:
     """Export, check and record each student; returns the new manifest entries."""
-    import hashlib
-
     import onnxruntime
 
     bundle = Bundle(root)
-    steps = list(bundle.student_steps if steps is None else steps)
-    for n in steps:
-        bundle.check_steps("student", n)
+    steps = requested_students(bundle, steps)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     if not 1 <= max_batch <= 4096:
@@ -162,17 +153,12 @@ def export_onnx(root: str | os.PathLike, steps: list[int] | None = None,
         if not err <= atol:  # also catches NaN
             raise ExportError(f"student-{n} ONNX export does not match torch: max abs error "
                               f"{err:.3g} > {atol:g} ({exporter}, opset {opset}); not written")
-        sha = hashlib.sha256(data).hexdigest()
-        name = onnx_filename(n, sha)
-        atomic_write_bytes(bundle.root / name, data)
-        entry = {"format": "onnx", "model": "student", "steps": n, "file": name, "sha256": sha,
-                 "opset": opset, "exporter": exporter, "parity_max_abs": err,
-                 "parity_atol": atol, "max_batch": max_batch, "torch": torch.__version__,
-                 "onnxruntime": onnxruntime.__version__}
-        stale = record_export(bundle.root, entry, lambda e, n=n: e.get("format") == "onnx"
-                              and e.get("model") == "student" and e.get("steps") == n)
-        remove_unreferenced(bundle.root, stale)
-        log(f"student-{n}: {name} ({len(data) / 1e6:.1f} MB, {exporter}, opset {opset}, "
+        entry = write_export(bundle.root, data, "onnx", n, lambda sha, n=n: onnx_filename(n, sha),
+                             {"opset": opset, "exporter": exporter, "parity_max_abs": err,
+                              "parity_atol": atol, "max_batch": max_batch,
+                              "torch": torch.__version__,
+                              "onnxruntime": onnxruntime.__version__})
+        log(f"student-{n}: {entry['file']} ({len(data) / 1e6:.1f} MB, {exporter}, opset {opset}, "
             f"parity {err:.2e}, {time.perf_counter() - started:.1f}s)")
         entries.append(entry)
     return entries

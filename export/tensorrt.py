@@ -10,7 +10,6 @@ here and the serving engine (`halfstep.engines.tensorrt`) share it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from halfstep.distill.images import to_uint8
 from halfstep.distill.io import atomic_write_bytes
 from halfstep.distill.sample import reference_images
 
-from .manifest import export_entries, record_export, remove_unreferenced, verified_path
+from .manifest import export_entries, requested_students, verified_path, write_export
 from .onnx import ExportError
 
 FP16_MAX_PIXEL_ERROR = 2  # out of 255, against the float32 eager reference sampler
@@ -140,9 +139,7 @@ def export_tensorrt(root: str | os.PathLike, steps: list[int] | None = None,
     from .onnx import export_onnx
 
     bundle = Bundle(root)
-    steps = list(bundle.student_steps if steps is None else steps)
-    for n in steps:
-        bundle.check_steps("student", n)
+    steps = requested_students(bundle, steps)
     shapes = profile_shapes(bundle.image_shape, max_batch, opt_batch)
     onnx = export_entries(bundle, "onnx")
     if [n for n in steps if n not in onnx]:
@@ -165,19 +162,16 @@ def export_tensorrt(root: str | os.PathLike, steps: list[int] | None = None,
             raise ExportError(f"student-{n} TensorRT {'fp16' if fp16 else 'fp32'} engine does "
                               f"not match torch: max abs {err:.3g}, {pixels}/255 pixels; "
                               f"not written")
-        sha = hashlib.sha256(plan).hexdigest()
-        name = engine_filename(n, trt.__version__, capability, fp16, sha)
-        atomic_write_bytes(bundle.root / name, plan)
-        entry = {"format": "tensorrt", "model": "student", "steps": n, "file": name,
-                 "sha256": sha, "onnx_sha256": onnx[n]["sha256"], "fp16": fp16,
-                 "tensorrt_version": trt.__version__, "compute_capability": gpu_tag(capability),
-                 "max_batch": max_batch, "profile": {k: list(map(list, v))
-                                                     for k, v in shapes.items()},
-                 "parity_max_abs": err, "parity_max_pixel_error": pixels}
-        stale = record_export(bundle.root, entry, lambda e, n=n: e.get("format") == "tensorrt"
-                              and e.get("steps") == n and bool(e.get("fp16")) == fp16
-                              and matches_runtime(e, trt.__version__, capability))
-        remove_unreferenced(bundle.root, stale)
-        log(f"student-{n}: {name} (parity {err:.2e}, {pixels}/255 pixels)")
+        fields = {"onnx_sha256": onnx[n]["sha256"], "fp16": fp16,
+                  "tensorrt_version": trt.__version__, "compute_capability": gpu_tag(capability),
+                  "max_batch": max_batch,
+                  "profile": {k: list(map(list, v)) for k, v in shapes.items()},
+                  "parity_max_abs": err, "parity_max_pixel_error": pixels}
+        entry = write_export(  # replaces only the engine for this precision, version and GPU
+            bundle.root, plan, "tensorrt", n,
+            lambda sha, n=n: engine_filename(n, trt.__version__, capability, fp16, sha), fields,
+            lambda e: bool(e.get("fp16")) == fp16 and matches_runtime(e, trt.__version__,
+                                                                      capability))
+        log(f"student-{n}: {entry['file']} (parity {err:.2e}, {pixels}/255 pixels)")
         entries.append(entry)
     return entries

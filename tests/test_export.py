@@ -17,6 +17,7 @@ onnx = pytest.importorskip("onnx", reason="needs the onnx extra (pip install 'ha
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'halfstep[onnx]')")
 
 from halfstep.engines.onnxruntime import OrtEngine  # noqa: E402
+from halfstep.export import manifest as manifest_mod  # noqa: E402
 from halfstep.export import onnx as export_mod  # noqa: E402
 from halfstep.export.onnx import ExportError, export_onnx  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_interrupted_export_leaves_previous_bundle_loadable(exported_copy, monke
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_mod, stage, interrupt)
+    monkeypatch.setattr(manifest_mod if stage == "record_export" else export_mod, stage, interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_onnx(exported_copy, [1], opset=17, log=lambda _: None)
     assert onnx_entries(exported_copy) == before

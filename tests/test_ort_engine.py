@@ -19,7 +19,7 @@ from halfstep.engines.eager import TorchEngine
 
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'halfstep[onnx]')")
 
-from halfstep.bench.engines import ort_vs_torch, time_engine  # noqa: E402
+from halfstep.bench.engines import bench_engines, time_run  # noqa: E402
 from halfstep.engines.factory import make_engine  # noqa: E402
 from halfstep.engines.onnxruntime import OrtEngine  # noqa: E402
 from tests.test_export import exported_bundle_dir  # noqa: E402
@@ -134,12 +134,13 @@ def test_cli_sample_with_onnxruntime_backend(exported, tmp_path, capsys):
 
 
 def test_latency_measurement_helpers(exported):
-    assert time_engine(OrtEngine(exported), "student", 1, batch=2, repeats=2, warmup=1) > 0
-    rows = ort_vs_torch(exported, steps=[1], repeats=2, threads=1)
-    assert [r["steps"] for r in rows] == [1]
-    assert rows[0]["torch_ms"] > 0 and rows[0]["onnxruntime_ms"] > 0 and rows[0]["speedup"] > 0
-    with pytest.raises(ValueError, match="batch and repeats"):
-        time_engine(OrtEngine(exported), "student", 1, batch=0)
+    assert min(time_run(OrtEngine(exported), "student", 1, batch=2, repeats=2)) > 0
+    rows = bench_engines(exported, ["torch", "onnxruntime"], [1], [1], teacher_steps=None,
+                         repeats=2)
+    assert [(r["backend"], r["steps"]) for r in rows] == [("torch", 1), ("onnxruntime", 1)]
+    assert all(r["median_ms"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        time_run(OrtEngine(exported), "student", 1, batch=0, repeats=1)
 
 
 @pytest.mark.gpu
