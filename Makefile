@@ -10,8 +10,11 @@ PORT ?= 8000
 BUNDLE ?=
 BACKEND ?= auto
 PYTEST_ARGS ?=
-# The CPU build of torch that ships on this project's machines; a GPU machine gets CUDA torch
-# from the plain `torch>=2.4` dependency instead.
+# The MNIST IDX files for the tests: $HALFSTEP_MNIST_DIR, else a data/mnist folder beside this
+# checkout; the tests that need them skip with a reason when neither exists.
+MNIST_DIR ?= $(or $(HALFSTEP_MNIST_DIR),$(firstword $(wildcard $(abspath ..)/*/data/mnist)))
+# Installed first where no NVIDIA driver is present, so that the plain `torch>=2.4` dependency
+# does not pull a multi-GB CUDA build; a GPU machine gets CUDA torch from that dependency.
 CPU_TORCH ?= torch==2.13.0
 
 .PHONY: install run test lint browser clean
@@ -46,7 +49,7 @@ browser:
 	  || echo "chromium not installed: the playground browser test will be skipped"; }
 
 test: install browser
-	HALFSTEP_MNIST_DIR=$${HALFSTEP_MNIST_DIR:-$(abspath ../shared/data/mnist)} $(PY) -m pytest $(PYTEST_ARGS)
+	HALFSTEP_MNIST_DIR=$(MNIST_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

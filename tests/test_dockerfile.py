@@ -1,5 +1,6 @@
-"""The Dockerfile, checked statically with Docker's own parser (the `dockerfile` package): there
-is no Docker engine on the development machine, so the image itself is never built here."""
+"""The Dockerfile, checked statically with Docker's own parser (the `dockerfile` package): the
+test suite never builds the image, so what can be checked without a Docker engine is checked
+here, including the shared runtime script, which runs under `sh` for its health probe."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import http.server
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Py
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_STAGES = ("cpu", "gpu")
 EMBEDDED_MANIFEST = "server/bundles/mnist/bundle.json"
+SCRIPT = "halfstep-runtime"  # the set-up both serving stages share, written in the runtime stage
 
 
 def parse() -> tuple[dict[str, str], list[tuple[str, str, list]]]:
@@ -51,6 +54,24 @@ def last(cmds: list, kind: str):
     return found[-1]
 
 
+def all_commands() -> list:
+    return list(dockerfile.parse_file(str(ROOT / "Dockerfile")))
+
+
+def runtime_script() -> str:
+    """The shell script the `runtime` stage writes (a COPY heredoc) for cpu and gpu to run."""
+    (copy,) = [c for c in stage("runtime") if c.cmd == "COPY" and c.value[-1] == f"/{SCRIPT}"]
+    (doc,) = copy.heredocs
+    return doc.content
+
+
+def script_case(name: str) -> str:
+    """The body of one `case` branch of the runtime script (`name)` up to its `;;`)."""
+    match = re.search(rf"^{name}\)\n(.*?)^\s*;;", runtime_script(), re.MULTILINE | re.DOTALL)
+    assert match, f"{SCRIPT} has no {name} command"
+    return match.group(1)
+
+
 def test_default_target_is_the_gpu_stage_and_cpu_exists() -> None:
     stages = parse()[1]
     names = [n for n, _, _ in stages]
@@ -64,7 +85,7 @@ def test_default_target_is_the_gpu_stage_and_cpu_exists() -> None:
 def test_base_images_are_pinned_by_tag() -> None:
     names: set[str] = set()
     for name, base, _ in parse()[1]:
-        if base not in names:
+        if base not in names and base != "scratch":
             image = base.rsplit("/", 1)[-1]
             assert "@sha256:" in base or ":" in image, f"{base} has no tag"
             assert not image.endswith(":latest"), f"{base} floats"
@@ -84,18 +105,85 @@ def test_runtime_stages_run_halfstep_serve_as_non_root() -> None:
         env = dict(zip(pairs[::2], pairs[1::2], strict=True))
         assert env["HALFSTEP_HOST"] == "0.0.0.0" and env["HALFSTEP_PORT"] == "8000"
         check = last(cmds, "HEALTHCHECK")
-        assert check.value[0] == "CMD" and "/healthz" in check.value[-1]
-        # The documented mount point exists and belongs to the runtime user.
-        runs = " ".join(c.value[0] for c in cmds if c.cmd == "RUN")
-        assert re.search(r"mkdir -p /models\b", runs) and f"chown -R {user}" in runs
+        assert check.json and list(check.value) == ["CMD", SCRIPT, "healthcheck"], name
+        # The stage installs the shared script and runs its user set-up, as root, before USER.
+        assert any(c.cmd == "COPY" and ("--from=runtime",) == c.flags
+                   and c.value[0] == f"/{SCRIPT}" for c in cmds), f"{name}: {SCRIPT} not copied"
+        kinds = [c.cmd for c in cmds]
+        (setup,) = [i for i, c in enumerate(cmds)
+                    if c.cmd == "RUN" and c.value[0].strip() == f"{SCRIPT} user"]
+        assert setup < kinds.index("USER"), name
+    # The documented mount point exists and belongs to the runtime user, whose UID is the USER's.
+    setup = script_case("user")
+    uid = re.search(r"^RUNTIME_UID=(\d+)$", runtime_script(), re.MULTILINE).group(1)
+    assert uid == user and '--uid "$RUNTIME_UID"' in setup
+    assert re.search(r"mkdir -p /models\b", setup)
+    assert 'chown -R "$RUNTIME_UID:$RUNTIME_UID" /models /home/halfstep' in setup
 
 
-def test_torch_builds_per_target() -> None:
+def test_runtime_setup_is_written_once() -> None:
+    """The user, its directories and the health probe are defined once, in the runtime stage."""
+    text = "\n".join(c.original for c in all_commands())  # commands and heredocs
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    for needle in ("groupadd", "useradd", "mkdir -p /models", "/healthz", "urlopen"):
+        assert text.count(needle) == 1, f"{needle!r} appears {text.count(needle)} times"
+    (_, base, _), = [s for s in parse()[1] if s[0] == "runtime"]
+    assert base == "scratch", "the runtime stage carries the script and nothing else"
+    checks = {tuple(c.value) for c in all_commands() if c.cmd == "HEALTHCHECK"}
+    assert checks == {("CMD", SCRIPT, "healthcheck")}, checks
+
+
+def test_runtime_script_is_valid_sh(tmp_path: Path) -> None:
+    sh = shutil.which("sh")
+    if sh is None:
+        pytest.skip("no POSIX sh here")
+    script = tmp_path / SCRIPT
+    script.write_text(runtime_script())
+    assert runtime_script().startswith("#!/bin/sh\n")
+    proc = subprocess.run([sh, "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sh, str(script), "no-such-command"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_no_package_index_is_hard_coded() -> None:
+    """pip's own configuration picks the index; build args may pass one through, empty by
+    default."""
+    global_args, stages = parse()
+    stage_args = {c.value[0].partition("=")[0]: c.value[0] for _, _, cmds in stages
+                  for c in cmds if c.cmd == "ARG"}
+    for key, default in [*global_args.items(), *stage_args.items()]:
+        assert not re.search(r"https?://", default), f"ARG {key} has a URL default: {default}"
+    for name in RUNTIME_STAGES:
+        declared = {c.value[0] for c in stage(name) if c.cmd == "ARG"}
+        assert {"TORCH_INDEX_URL", "PIP_INDEX_URL"} <= declared, f"{name}: {declared}"
+    text = "\n".join(c.original for c in all_commands())
+    literal = re.findall(r"--(?:extra-)?index-url[= ]+[\"']?https?://\S*", text)
+    assert not literal, f"index URL written into the Dockerfile: {literal}"
+    assert not re.search(r"\bENV\b[^\n]*PIP_(?:EXTRA_)?INDEX_URL", text)
+    install = script_case("install")
+    assert '--index-url "$TORCH_INDEX_URL"' in install
+    assert '[ -n "${TORCH_INDEX_URL:-}" ]' in install
+
+
+def test_extras_per_target() -> None:
+    """cpu: ONNX Runtime for the CPU; gpu: the `gpu` extra (onnxruntime-gpu), never both, since
+    the two distributions ship the same `onnxruntime` module."""
     cpu = " ".join(c.value[0] for c in stage("cpu") if c.cmd == "RUN")
     gpu = " ".join(c.value[0] for c in stage("gpu") if c.cmd == "RUN")
-    assert "download.pytorch.org/whl/cpu" in cpu and "onnxruntime-gpu" not in cpu
-    assert "whl/cpu" not in gpu
-    assert "onnxruntime-gpu" in gpu and "pip uninstall -y onnxruntime" in gpu
+    assert f"{SCRIPT} install serve,onnx" in cpu and "gpu" not in cpu
+    assert re.search(rf"{SCRIPT} install serve,gpu\b", gpu) and "onnx" not in gpu
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert any(r.startswith("onnxruntime-gpu") for r in extras["gpu"])
+    assert not any(r.startswith("onnxruntime") and not r.startswith("onnxruntime-gpu")
+                   for r in extras["gpu"] + extras["serve"])
+    for name in RUNTIME_STAGES:  # the wheel is bind-mounted, so it never stays in a layer
+        (install,) = [c for c in stage(name)
+                      if c.cmd == "RUN" and f"{SCRIPT} install" in c.value[0]]
+        assert "--mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels" in install.flags
+    assert "/tmp/wheels/halfstep-*.whl" in script_case("install")
     args = {c.value[0].split("=")[0] for c in stage("gpu") if c.cmd == "ARG"}
     assert "WITH_TENSORRT" in args and '"${WITH_TENSORRT}" = "1"' in gpu
 
@@ -192,18 +280,26 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("status, healthy", [(200, True), (503, False)])
-def test_healthcheck_command_reads_healthz(status: int, healthy: bool) -> None:
+def test_healthcheck_command_reads_healthz(status: int, healthy: bool, tmp_path: Path) -> None:
     """Run the HEALTHCHECK's own command against a local stand-in for the server."""
+    if shutil.which("sh") is None:
+        pytest.skip("no POSIX sh here")
+    # The image's PATH: the script in /usr/local/bin, `python` from the virtualenv.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / SCRIPT).write_text(runtime_script())
+    (bin_dir / SCRIPT).chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
     handler = type("Handler", (_Health,), {"status": status})
     srv = http.server.HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         for name in RUNTIME_STAGES:
             argv = list(last(stage(name), "HEALTHCHECK").value[1:])
-            assert argv[0] == "python"
-            env = {**os.environ, "HALFSTEP_PORT": str(srv.server_address[1])}
-            proc = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True,
-                                  timeout=30)
+            env = {**os.environ, "HALFSTEP_PORT": str(srv.server_address[1]),
+                   "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+            proc = subprocess.run([str(bin_dir / argv[0]), *argv[1:]], env=env,
+                                  capture_output=True, timeout=30)
             assert (proc.returncode == 0) == healthy, (name, proc.stderr[-300:])
     finally:
         srv.shutdown()

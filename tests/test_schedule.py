@@ -11,7 +11,7 @@ def test_variance_preserving_and_cosine_inside_clip():
     t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
     alpha, sigma = s.alpha_sigma(t)
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones_like(t), rtol=0, atol=1e-12)
-    # The clip shifts the curve by at most alpha_1 ~ 4.5e-5 (PAPER.md section 1).
+    # Clipping log-SNR to [-20, 20] shifts the curve by at most alpha_1 = sigmoid(-20)^0.5 ~ 4.5e-5.
     torch.testing.assert_close(alpha, torch.cos(math.pi * t / 2), rtol=0, atol=5e-5)
 
 

@@ -1,4 +1,4 @@
-"""Metric names and units (docs/SERVING.md), settings from HALFSTEP_* and the serve CLI."""
+"""Metric names and units (Prometheus base units, _total counters), settings from HALFSTEP_* and the serve CLI."""
 
 from __future__ import annotations
 
