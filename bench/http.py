@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from halfstep.server.client import AsyncClient
+from halfstep.server.client import AsyncClient, wait_ready
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -78,27 +78,14 @@ class LocalServer:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ))
         try:
-            self._wait_ready(ready_timeout_s)
+            wait_ready(self.url, ready_timeout_s, is_alive=lambda: self.proc.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:  # with the end of the server's own log
+            message = f"{exc}: {self.tail()}"
+            self.close()
+            raise type(exc)(message) from None
         except BaseException:
             self.close()
             raise
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(base_url=self.url, timeout=5.0) as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.tail()}")
-                try:
-                    r = http.get("/readyz")
-                    if r.status_code == 200:
-                        return
-                    if "failed" in r.json().get("reason", ""):
-                        raise RuntimeError(f"server warm-up failed: {r.json()['reason']}")
-                except httpx.TransportError:
-                    pass  # not listening yet
-                time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout_s:.0f} s: {self.tail()}")
 
     def tail(self, chars: int = 2000) -> str:
         self.log.flush()

@@ -77,6 +77,38 @@ def register(subparsers) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+    _register_curve(subparsers)
+
+
+def _register_curve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "teacher-curve", help="score every EMA snapshot of training runs (quality vs steps)"
+    )
+    p.add_argument("--run", action="append", required=True, help="training run (repeatable)")
+    p.add_argument("--data", required=True, help="mnist:DIR (reference = the MNIST test set)")
+    p.add_argument("--samples", type=int, default=500, help="images per snapshot (fixed seeds)")
+    p.add_argument("--ddim-steps", type=int, default=64, help="teacher DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="classifier cache (as for eval)")
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.set_defaults(func=cmd_curve)
+
+
+def cmd_curve(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .curve import teacher_curve
+    from .evaluate import default_cache_dir, mnist_dir_from_spec
+
+    rows = teacher_curve(args.run, mnist_dir_from_spec(args.data),
+                         args.cache_dir or default_cache_dir(), args.samples, args.ddim_steps,
+                         args.seed)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0
 
 
 def cmd_eval(args) -> int:

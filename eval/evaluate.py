@@ -36,6 +36,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HALFSTEP_CACHE") or Path.home() / ".cache" / "halfstep")
 
 
+def mnist_dir_from_spec(data: str) -> str:
+    """`mnist:DIR` (or `mnist` with $HALFSTEP_MNIST_DIR) -> DIR; the metrics are MNIST's."""
+    kind, _, directory = data.partition(":")
+    if kind != "mnist":
+        raise ValueError(f"--data must be mnist:DIR (the metrics are MNIST-specific), got {data!r}")
+    directory = directory or os.environ.get("HALFSTEP_MNIST_DIR", "")
+    if not directory:
+        raise ValueError("no MNIST directory: pass --data mnist:DIR or set HALFSTEP_MNIST_DIR")
+    return directory
+
+
 @dataclass
 class EvalConfig:
     bundle: str
@@ -57,13 +68,7 @@ class EvalConfig:
     resume: bool = True  # reuse rows finished by an earlier run with the same inputs
 
     def __post_init__(self) -> None:
-        kind, _, directory = self.data.partition(":")
-        if kind != "mnist":
-            raise ValueError(
-                f"--data must be mnist:DIR (the metrics are MNIST-specific), got {self.data!r}")
-        self.mnist_dir = directory or os.environ.get("HALFSTEP_MNIST_DIR", "")
-        if not self.mnist_dir:
-            raise ValueError("no MNIST directory: pass --data mnist:DIR or set HALFSTEP_MNIST_DIR")
+        self.mnist_dir = mnist_dir_from_spec(self.data)
         self.cache_dir = self.cache_dir or str(default_cache_dir())
         self.fid_samples = self.samples if self.fid_samples is None else self.fid_samples
         for name in ("samples", "fid_samples"):

@@ -157,20 +157,10 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=cmd_sample)
 
 
-def load_bundle(path: str | None):
-    """The bundle at `path`, or the embedded default model when path is None."""
-    from halfstep.distill.bundle import Bundle
-
-    if path is None:
-        from halfstep.server.embedded import default_bundle_path
-
-        path = default_bundle_path()
-    return Bundle(path)
-
-
 def cmd_sample(args) -> int:
     from halfstep.distill.sample import sample_images, write_grid
     from halfstep.engines.factory import make_engine
+    from halfstep.server.embedded import load_bundle
 
     bundle = load_bundle(args.bundle)
     engine = None if args.sampler == "ancestral" else make_engine(bundle, args.backend)

@@ -1,1 +1,2 @@
-"""The HTTP service: FastAPI app, dynamic batcher, metrics, settings and client."""
+"""The HTTP service: app (wiring), routes, request (parameters), codec (encoding), errors
+(refusals), batcher, lifespan, state, metrics, settings, client and the `serve` CLI."""

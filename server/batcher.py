@@ -1,19 +1,22 @@
 """Dynamic batcher: one bounded queue, batches keyed by (model, steps), one engine thread.
 
-Stages (docs/STYLE.md habit 9): queue -> batch -> run -> split, with an output-count check.
+Stages: queue -> batch -> run -> split, with a check that the engine returned one image per
+input.
 - A batch takes queued requests of the oldest request's key, in arrival order, up to
   `max_batch` images; it runs when full or when the oldest request has waited `max_wait_s`, or
-  `wait_fraction` of the key's recent batch time (a moving average over its batches) if that
-  is shorter, which caps the wait's share of a lone request's latency (a 4-step student on
-  CPU runs in ~20 ms, so a flat 5 ms wait was +25% at n=1; the teacher's second-long batches
-  still wait the full max_wait_s). wait_fraction 0: never wait.
-- A full queue refuses at once (QueueFull -> 503). A request still queued at its deadline is
-  removed and answers DeadlineExceeded (504) without waiting for the engine to free up
-  (triton core #333); it never runs.
+  `wait_fraction` x the key's recent batch time (a moving average over its batches) if that is
+  shorter. A lone request's latency is then about (1 + wait_fraction) x its batch time at most:
+  fast students wait a little, slow teacher batches wait the full max_wait_s. wait_fraction 0:
+  never wait.
+- A full queue refuses at once (QueueFull). A request still queued at its deadline is removed
+  and answers DeadlineExceeded at once, without waiting for the engine to free up; it never
+  runs.
 - A cancelled request (client gone) is removed from the queue before its batch runs, so the
-  loop never waits on it (ray #50046, triton #7532).
-- A batch that raises fails only its own requests; the loop keeps going.
+  loop never waits on, or runs, work nobody will read.
+- A batch that raises fails only its own requests (BatchFailed); the loop keeps going.
 - Model execution happens in one dedicated thread, never on the event loop.
+
+Refusals are raised, not counted here: the HTTP layer answers and counts each one.
 """
 
 from __future__ import annotations
@@ -106,8 +109,7 @@ class Batcher:
                 self._task.cancel()
                 while self._queue:
                     job = self._queue.popleft()
-                    self._fail(job, Draining("server shut down before this request ran"),
-                               "draining")
+                    self._fail(job, Draining("server shut down before this request ran"))
                     failed += 1
         self._executor.shutdown(wait=False)
         self.metrics.queue_depth.set(0)
@@ -129,10 +131,8 @@ class Batcher:
     async def submit(self, key: tuple[str, int], noise: torch.Tensor, labels: torch.Tensor,
                      timeout_s: float) -> Result:
         if self._closing:
-            self.metrics.rejected.labels("draining").inc()
             raise Draining("server is shutting down; retry on another replica")
         if self.full:
-            self.metrics.rejected.labels("queue_full").inc()
             raise QueueFull(f"queue is full ({self.max_queue} requests waiting)")
         now = time.monotonic()
         job = Job(key, noise, labels, now, now + timeout_s,
@@ -145,27 +145,25 @@ class Batcher:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
         except asyncio.TimeoutError:
             if job.state == "queued":
-                self._drop(job, "deadline")
+                self._drop(job)
                 raise DeadlineExceeded(
                     f"request waited {timeout_s:g} s in the queue (the deadline) and was not run"
                 ) from None
             return await job.future  # already running: the deadline bounds queueing only
         except asyncio.CancelledError:
             if job.state == "queued":
-                self._drop(job, "cancelled")
+                self._drop(job)
             else:
                 job.state = "abandoned"  # running: its result is discarded
             raise
 
-    def _drop(self, job: Job, reason: str) -> None:
+    def _drop(self, job: Job) -> None:
         job.state = "dropped"
         self._queue.remove(job)
         self.metrics.queue_depth.set(len(self._queue))
-        self.metrics.rejected.labels(reason).inc()
         self._wakeup.set()  # the oldest request may have changed
 
-    def _fail(self, job: Job, exc: Exception, reason: str) -> None:
-        self.metrics.rejected.labels(reason).inc()
+    def _fail(self, job: Job, exc: Exception) -> None:
         if job.state == "abandoned" or job.future.done():
             return  # nobody awaits it: setting an exception would only log a warning
         job.state = "done"
@@ -232,7 +230,7 @@ class Batcher:
             out = await self.call_in_engine_thread(self._run, model, steps, noise, labels)
         except Exception as exc:  # the engine's failure is this batch's, not the server's
             for job in batch:
-                self._fail(job, BatchFailed(f"{type(exc).__name__}: {exc}"), "error")
+                self._fail(job, BatchFailed(f"{type(exc).__name__}: {exc}"))
             return
         run_s = time.monotonic() - started
         self.metrics.batch_duration.observe(run_s)

@@ -1,9 +1,11 @@
-"""A small httpx client for halfstep (sync and async), used by the tests and the benchmark."""
+"""A small httpx client for halfstep (sync and async), used by the tests and the benchmark,
+and `wait_ready`, which waits for a server to warm up."""
 
 from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -87,18 +89,8 @@ class Client:
         return self.http.get("/readyz").status_code == 200
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                r = self.http.get("/readyz")
-            except httpx.TransportError:
-                r = None  # not listening yet
-            if r is not None and r.status_code == 200:
-                return
-            if r is not None and "failed" in r.json().get("reason", ""):
-                raise RuntimeError(f"server at {self.http.base_url}: {r.json()['reason']}")
-            time.sleep(0.05)
-        raise TimeoutError(f"server at {self.http.base_url} not ready after {timeout_s} s")
+        """See `wait_ready`."""
+        wait_ready(self, timeout_s)
 
     def close(self) -> None:
         self.http.close()
@@ -141,3 +133,32 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+def wait_ready(server: str | Client, timeout_s: float = 60.0,
+               is_alive: Callable[[], bool] | None = None) -> None:
+    """Poll GET /readyz of `server` (a base URL or a Client) until it answers 200.
+
+    RuntimeError when the server reports that its warm-up failed, or when `is_alive` (say, a
+    check on the server's process) returns False; TimeoutError after timeout_s.
+    """
+    client = Client(server, timeout=5.0) if isinstance(server, str) else server
+    url = client.http.base_url
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if is_alive is not None and not is_alive():
+                raise RuntimeError(f"server at {url} stopped before it was ready")
+            try:
+                r = client.http.get("/readyz")
+            except httpx.TransportError:
+                r = None  # not listening yet
+            if r is not None and r.status_code == 200:
+                return
+            if r is not None and "failed" in r.json().get("reason", ""):
+                raise RuntimeError(f"server at {url}: {r.json()['reason']}")
+            time.sleep(0.05)
+        raise TimeoutError(f"server at {url} not ready after {timeout_s} s")
+    finally:
+        if client is not server:
+            client.close()

@@ -88,7 +88,7 @@ def test_quick_bench_against_tiny_bundle(tiny_bundle_dir, tmp_path, capsys):
     assert all(0 < f["fraction"] and f["gflop"] > 0 for f in r["floor"])
     assert [d["steps"] for d in r["diffusers"]] == [1]
     assert r["server"]["backend"] == "torch"
-    # issue 5's throughput target: concurrency 2 / the best of torch's batch 1 and 2 at 1 step
+    # the throughput target: concurrency 2 / the best of torch's batch 1 and 2 at 1 step
     best = max(e["batch"] / e["median_ms"] * 1e3 for e in r["engines"]
                if e["backend"] == "torch" and e["steps"] == 1)
     assert r["targets"]["throughput_vs_engine"]["value"] == \

@@ -1,4 +1,4 @@
-"""Metric names and units (Prometheus base units, _total counters), settings from HALFSTEP_* and the serve CLI."""
+"""Metric names and units (base units, _total counters), HALFSTEP_* settings and the serve CLI."""
 
 from __future__ import annotations
 

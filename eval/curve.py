@@ -1,0 +1,85 @@
+"""A teacher's quality curve: every EMA snapshot of a training run scored on one fixed sample.
+
+`halfstep train --snapshot-every K` keeps `ema-STEP.safetensors`; each is sampled with DDIM on
+the same seeds and balanced labels, and scored by the classifier Frechet distance and label
+accuracy against the MNIST test set, so steps vs quality shows when training has flattened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from halfstep.distill.data import load_mnist
+from halfstep.distill.denoiser import Denoiser, ModelConfig
+from halfstep.distill.sampling import ddim_sample, noise_for_seeds
+
+from .classifier import classify, load_or_train
+from .frechet import FeatureStats, frechet_distance
+
+SNAPSHOT = re.compile(r"ema-(\d+)\.safetensors$")
+
+
+def snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every kept EMA snapshot of a run, in step order."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("ema-*.safetensors")
+             if (m := SNAPSHOT.search(p.name))]
+    return sorted(found)
+
+
+def _model_config(run_dir: Path) -> ModelConfig:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a training run?")
+    return ModelConfig.from_dict(json.loads(path.read_text())["model"])
+
+
+@torch.no_grad()
+def score_snapshot(config: ModelConfig, weights: Path, classifier, reference: FeatureStats,
+                   samples: int, steps: int, seed: int, batch_size: int = 100) -> dict:
+    """DDIM `steps` samples of one snapshot: FD in classifier features and label accuracy."""
+    den = Denoiser(config)
+    den.unet.load_state_dict(load_file(weights))
+    den.eval()
+    labels = torch.arange(samples) % max(1, config.num_labels)
+    noise = noise_for_seeds([seed + i for i in range(samples)], config.image_shape)
+    images = torch.cat([
+        ddim_sample(den, noise[i:i + batch_size], labels[i:i + batch_size], steps, den.schedule)
+        for i in range(0, samples, batch_size)
+    ])
+    feats, preds = classify(classifier, images)
+    return {"fd_classifier": frechet_distance(reference, FeatureStats.from_features(
+                feats.double().numpy())),
+            "label_accuracy": float((preds == labels).float().mean())}
+
+
+def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: str | Path,
+                  samples: int = 500, steps: int = 64, seed: int = 0, log=print) -> list[dict]:
+    """One row per (run, snapshot): step, FD-classifier, label accuracy, seconds to score."""
+    if samples < 10 or steps < 1:
+        raise ValueError("--samples must be >= 10 and --ddim-steps >= 1")
+    classifier, _ = load_or_train(mnist_dir, cache_dir, progress=False)
+    test = load_mnist(mnist_dir, "test")
+    feats, _ = classify(classifier, test.images.float().div(127.5).sub(1.0))
+    reference = FeatureStats.from_features(feats.double().numpy())
+    rows = []
+    for run in map(Path, run_dirs):
+        config, found = _model_config(run), snapshots(run)
+        if not found:
+            raise FileNotFoundError(
+                f"no ema-STEP.safetensors in {run}: train with --snapshot-every N"
+            )
+        for step, path in found:
+            started = time.perf_counter()
+            row = {"run": run.name, "step": step,
+                   **score_snapshot(config, path, classifier, reference, samples, steps, seed),
+                   "seconds": round(time.perf_counter() - started, 1)}
+            log(f"{row['run']:<24} step {step:>6}  FD-classifier {row['fd_classifier']:8.3f}  "
+                f"label acc {row['label_accuracy']:.4f}  ({row['seconds']} s)")
+            rows.append(row)
+    return rows

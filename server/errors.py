@@ -1,0 +1,83 @@
+"""How refusals are answered and counted: one table from error type to HTTP status, the reason
+label of `halfstep_rejected_total` and the `{"error": ...}` body.
+
+`reject` is the one place a refused request is answered and counted; the exception handlers
+below and the /generate route both go through it. Every body is JSON with an "error" key;
+a 422 also says what each parameter may be ("allowed").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batcher import BatchFailed, DeadlineExceeded, Draining, QueueFull
+from .request import InvalidRequest, allowed
+
+
+class Unauthorized(Exception):
+    """The bearer token is missing or wrong while HALFSTEP_API_KEY is set."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was answered."""
+
+
+RETRY_SOON = {"Retry-After": "1"}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    status: int
+    reason: str  # label of halfstep_rejected_total (every one is listed in REJECT_REASONS)
+    message: str = "{exc}"  # formatted with the exception
+    headers: dict[str, str] = field(default_factory=dict)
+    with_allowed: bool = False  # add what each parameter may be
+
+
+REJECTIONS: dict[type[Exception], Rejection] = {
+    Unauthorized: Rejection(
+        401, "unauthorized",
+        "missing or wrong bearer token: send 'Authorization: Bearer <HALFSTEP_API_KEY>'",
+        {"WWW-Authenticate": "Bearer"}),
+    InvalidRequest: Rejection(422, "invalid", with_allowed=True),
+    QueueFull: Rejection(503, "queue_full", "{exc}; retry shortly", RETRY_SOON),
+    Draining: Rejection(503, "draining", headers=RETRY_SOON),
+    DeadlineExceeded: Rejection(504, "deadline"),
+    BatchFailed: Rejection(500, "error", "the batch holding this request failed: {exc}"),
+    ClientGone: Rejection(499, "cancelled", "client closed the connection before its batch ran"),
+}
+REFUSALS = tuple(REJECTIONS)  # for `except REFUSALS`
+
+
+def reject(request: Request, exc: Exception) -> JSONResponse:
+    """Count `exc` under its reason and answer it as REJECTIONS says."""
+    rule = next(REJECTIONS[t] for t in type(exc).__mro__ if t in REJECTIONS)
+    state = request.app.state.halfstep
+    state.metrics.rejected.labels(rule.reason).inc()
+    body = {"error": rule.message.format(exc=exc)}
+    if rule.with_allowed:
+        body["allowed"] = allowed(state.bundle)
+    return JSONResponse(body, rule.status, rule.headers)
+
+
+async def invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Parameters that fail their declared types or bounds: 422, one line per problem."""
+    problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    if request.url.path == "/generate":  # it never reached its route, which counts the rest
+        request.app.state.halfstep.metrics.requests.labels("422").inc()
+    return reject(request, InvalidRequest("; ".join(problems)))
+
+
+async def refused(request: Request, exc: Exception) -> JSONResponse:
+    """Handler for the REJECTIONS raised outside a route body (e.g. Unauthorized)."""
+    return reject(request, exc)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404, 405 and the like, in the same `{"error": ...}` shape (not counted as refusals)."""
+    return JSONResponse({"error": str(exc.detail)}, exc.status_code, exc.headers)

@@ -1,0 +1,50 @@
+"""Start-up and shutdown: start the batcher, warm the engine up, and drain on the way out.
+
+/healthz answers from the start; /readyz only once warm-up is done. On shutdown the server
+stops being ready, then finishes queued and running batches for at most `drain_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from .batcher import Batcher
+from .state import ServerState
+
+log = logging.getLogger("halfstep.server")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Serve `app.state.halfstep` from start-up to shutdown."""
+    state: ServerState = app.state.halfstep
+    settings = state.settings
+    state.batcher = Batcher(state.engine, state.max_batch, settings.max_wait_ms / 1000,
+                            settings.max_queue, state.metrics, settings.max_wait_fraction)
+    state.batcher.start()
+    warm = asyncio.create_task(warm_up(state))  # /healthz answers while this runs
+    yield
+    warm.cancel()
+    state.ready = False
+    state.metrics.ready.set(0)
+    failed = await state.batcher.close(settings.drain_s)
+    if failed:
+        log.warning("drain timed out: %d queued requests were failed", failed)
+
+
+async def warm_up(state: ServerState) -> None:
+    """Run the engine's warm-up in the engine thread; ready when it succeeds."""
+    try:
+        state.warmup = await state.batcher.call_in_engine_thread(state.engine.warmup)
+        state.batcher.seed_run_times(state.engine.warm_run_s)
+        state.ready = True
+        state.metrics.ready.set(1)
+        log.info("warm-up done: %s", state.warmup)
+    except Exception as exc:  # readiness reports it; liveness stays up so logs can be read
+        state.warmup = f"{type(exc).__name__}: {exc}"
+        log.error("warm-up failed: %s", state.warmup)

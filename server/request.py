@@ -1,0 +1,118 @@
+"""The /generate request: its parameters and bounds, and how they become a job for the batcher.
+
+The parameters are declared once, in `request_models`; the query string and the JSON body are
+two readings of the same fields. `prepare` then checks them against the bundle (which student
+a step budget buys, which labels exist) and draws each image's noise from its seed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from halfstep.distill.bundle import Bundle, BundleError
+from halfstep.distill.sample import request_seeds
+from halfstep.distill.sampling import noise_for_seeds
+
+MAX_N = 64
+MAX_SEED = 2**63 - 1
+MAX_BUDGET = 1_000_000
+RANDOM_SEEDS = 2**32  # absent seed: drawn below this, so it survives JavaScript numbers
+STEPS_DOC = ("student: your step budget; the largest distilled student with steps <= budget "
+             "runs (default: the largest student). teacher: exact steps (default: the "
+             "bundle's teacher default)")
+
+
+class InvalidRequest(ValueError):
+    """A parameter that is wrong for this bundle: answered 422 with what is allowed."""
+
+
+def request_models(num_labels: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The parameters for a bundle with `num_labels` labels, as (query model, body model).
+
+    Every field is optional. Both models have the same fields and bounds; they differ only in
+    unknown fields: a query string ignores them, a JSON body is refused for them.
+    """
+    query = create_model(
+        "GenerateQuery",
+        steps=(int | None, Field(None, ge=1, le=MAX_BUDGET, description=STEPS_DOC)),
+        model=(Literal["student", "teacher"] | None, Field(None, description="default student")),
+        n=(int | None, Field(None, ge=1, le=MAX_N, description="images (default 1)")),
+        seed=(int | None, Field(None, ge=0, le=MAX_SEED, description="image i uses seed+i")),
+        label=(int | None, Field(None, ge=0, le=max(num_labels - 1, 0),
+                                 description="class label; absent = unconditional")),
+        format=(Literal["png", "json"] | None, Field(None, description="default png")),
+    )
+
+    class GenerateBody(query):
+        model_config = ConfigDict(extra="forbid")
+
+    return query, GenerateBody
+
+
+def merge(query: BaseModel, body: BaseModel | None) -> dict[str, Any]:
+    """The fields given in the query and in the body together; a field given in both is an
+    error."""
+    from_query = query.model_dump(exclude_none=True)
+    from_body = body.model_dump(exclude_none=True) if body is not None else {}
+    twice = sorted(from_query.keys() & from_body.keys())
+    if twice:
+        raise InvalidRequest(f"{', '.join(twice)} given both in the query and in the body; "
+                             "send each field once")
+    return {**from_query, **from_body}
+
+
+@dataclass
+class GenerateJob:
+    model: str
+    steps: int  # steps that run
+    requested: int | None
+    n: int
+    seed: int
+    label: int | None
+    fmt: str
+    noise: torch.Tensor
+    labels: torch.Tensor
+
+
+def prepare(p: dict[str, Any], bundle: Bundle) -> GenerateJob:
+    """Resolve the step budget, check the label, and draw each image's noise from its seed."""
+    model, fmt = p.get("model", "student"), p.get("format", "png")
+    n, label, requested = p.get("n", 1), p.get("label"), p.get("steps")
+    seed = p["seed"] if p.get("seed") is not None else secrets.randbelow(RANDOM_SEEDS)
+    try:
+        if model == "student":
+            if not bundle.student_steps:
+                raise InvalidRequest(f"bundle {bundle.name} has no students; use model=teacher")
+            steps = bundle.student_for_budget(
+                requested if requested is not None else bundle.student_steps[-1])
+        else:
+            steps = requested if requested is not None else bundle.teacher_default_steps
+            bundle.check_steps("teacher", steps)
+    except BundleError as exc:
+        raise InvalidRequest(str(exc)) from None
+    k = bundle.num_labels
+    if label is not None and not 0 <= label < k:
+        raise InvalidRequest(f"label={label} is out of range; allowed: 0..{k - 1} or absent"
+                             if k else "this bundle is unconditional: omit label")
+    noise = noise_for_seeds(request_seeds(seed, n), bundle.image_shape)
+    labels = torch.full((n,), k if label is None else label, dtype=torch.int64)
+    return GenerateJob(model, steps, requested, n, seed, label, fmt, noise, labels)
+
+
+def allowed(bundle: Bundle) -> dict[str, Any]:
+    """What each parameter may be for this bundle: sent with every 422."""
+    b, k = bundle, bundle.num_labels
+    return {
+        "model": ["student", "teacher"],
+        "steps": f"student: a budget >= {b.student_steps[0] if b.student_steps else '-'} "
+                 f"(students: {', '.join(map(str, b.student_steps))}); "
+                 f"teacher: exact, 1..{b.teacher_max_steps}",
+        "n": f"1..{MAX_N}", "seed": f"0..{MAX_SEED}",
+        "label": f"0..{k - 1} or absent (unconditional)" if k else "absent (unconditional model)",
+        "format": ["png", "json"],
+    }

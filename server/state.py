@@ -1,0 +1,48 @@
+"""What one app instance serves: settings, bundle, engine, metrics, batcher and readiness.
+
+Stored on `app.state.halfstep`; the routes, the lifespan and the error handlers read it there.
+"""
+
+from __future__ import annotations
+
+from halfstep.distill.bundle import Bundle
+from halfstep.engines.base import Engine
+
+from .batcher import Batcher
+from .metrics import Metrics
+from .request import MAX_N
+from .settings import Settings
+
+
+class ServerState:
+    """Everything one app instance serves. The batcher exists while the app runs (lifespan)."""
+
+    def __init__(self, settings: Settings, bundle: Bundle, engine: Engine) -> None:
+        self.settings, self.bundle, self.engine = settings, bundle, engine
+        self.metrics = Metrics()
+        self.max_batch = min(settings.max_batch, engine.max_batch or settings.max_batch)
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.warmup: dict | str | None = None  # info dict when done, error text when it failed
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz answers 503 now, or None when ready."""
+        b = self.batcher
+        if self.warmup is None:
+            return "warming up"
+        if not self.ready:
+            return f"warm-up failed: {self.warmup}"
+        if b is None or b.closing:
+            return "draining"
+        return "queue full" if b.full else None
+
+    def models_info(self) -> dict:
+        """What /v1/models answers: the bundle's shape and steps, and how it is served."""
+        b = self.bundle
+        return {
+            "name": b.name, "image_shape": list(b.image_shape), "num_labels": b.num_labels,
+            "student_steps": b.student_steps, "teacher_default_steps": b.teacher_default_steps,
+            "teacher_max_steps": b.teacher_max_steps, "backend": self.engine.name,
+            "batch_buckets": self.engine.used_buckets() if self.engine.buckets else [],
+            "max_batch": self.max_batch, "max_n": MAX_N,
+        }
