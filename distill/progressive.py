@@ -64,26 +64,25 @@ class DistillConfig:
             )
         if self.iters_per_round < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("iters-per-round and batch-size must be >= 1 and lr > 0")
-        self.round_iters = {int(n): int(k) for n, k in self.round_iters.items()}
-        unknown = sorted(set(self.round_iters) - set(self.round_steps()))
-        if unknown:
-            raise ValueError(
-                f"--round-iters names student steps {unknown}, but this run's rounds make "
-                f"students with {self.round_steps()} steps"
-            )
+        self.round_iters = self._per_round("--round-iters", self.round_iters, int)
         if any(k < 1 for k in self.round_iters.values()):
             raise ValueError("--round-iters: every round needs >= 1 iteration")
-        self.round_lr = {int(n): float(v) for n, v in self.round_lr.items()}
-        unknown = sorted(set(self.round_lr) - set(self.round_steps()))
-        if unknown:
-            raise ValueError(
-                f"--round-lr names student steps {unknown}, but this run's rounds make "
-                f"students with {self.round_steps()} steps"
-            )
+        self.round_lr = self._per_round("--round-lr", self.round_lr, float)
         if any(not v > 0 for v in self.round_lr.values()):
             raise ValueError("--round-lr: every learning rate must be > 0")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+
+    def _per_round(self, flag: str, values: dict, cast) -> dict:
+        """Per-round settings keyed by student steps, each naming a round this run makes."""
+        values = {int(n): cast(v) for n, v in values.items()}
+        unknown = sorted(set(values) - set(self.round_steps()))
+        if unknown:
+            raise ValueError(
+                f"{flag} names student steps {unknown}, but this run's rounds make "
+                f"students with {self.round_steps()} steps"
+            )
+        return values
 
     def iters_for(self, n_student: int) -> int:
         """Iterations of the round that makes the n_student-step student."""
