@@ -15,8 +15,7 @@ from halfstep.export.manifest import export_entries, missing_students
 
 from .base import Engine, EngineError
 from .eager import TorchEngine
-
-BACKENDS = ("auto", "torch", "cudagraph", "onnxruntime", "tensorrt")
+from .names import BACKENDS
 
 
 def has_onnx_exports(bundle: Bundle) -> bool:

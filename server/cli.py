@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from halfstep.engines.factory import BACKENDS
+from halfstep.engines.names import BACKENDS
 
 OPTIONS = (  # flag, type, help; each also reads HALFSTEP_<NAME> (flag > env > default)
     ("--bundle", str, "bundle directory (default: the embedded model)"),

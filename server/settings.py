@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from halfstep.engines.factory import BACKENDS
+from halfstep.engines.names import BACKENDS
 
 ENV_PREFIX = "HALFSTEP_"
 

@@ -201,7 +201,7 @@ def test_server_reads_the_env_the_chart_sets() -> None:
     assert (s.host, s.port, s.backend, s.max_batch, s.max_wait_ms, s.max_wait_fraction,
             s.max_queue, s.timeout_s, s.drain_s, s.max_body_bytes, s.bundle) == (
         "::", 9000, "onnxruntime", 32, 2.5, 0.25, 1000, 12, 45, 4096, "/models")
-    from halfstep.engines.factory import BACKENDS
+    from halfstep.engines.names import BACKENDS
 
     with helm.Chart.load(CHART) as chart:
         schema = chart.schema

@@ -1,0 +1,3 @@
+"""Backend names, importable without torch (the command line lists them in --help)."""
+
+BACKENDS = ("auto", "torch", "cudagraph", "onnxruntime", "tensorrt")
