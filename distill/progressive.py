@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from .bundle import Bundle, BundleError, add_student, create_bundle, read_manifest
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
 from .losses import WeightedXLoss
+from .progress import progress as progress_bar
 from .sampling import ddim_sample, noise_for_seeds
 from .train import dist_info, init_distributed_from_env, load_run, training_device
 
@@ -195,11 +195,8 @@ def distill_round(
     started, losses = time.perf_counter(), []
     K, peak_lr = cfg.iters_for(n_student), cfg.lr_for(n_student)
     part = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
-    bar = tqdm(
-        range(K),
-        desc=f"{2 * n_student}->{n_student} steps",
-        disable=not progress or rank != 0,
-        dynamic_ncols=True,
+    bar = progress_bar(
+        range(K), desc=f"{2 * n_student}->{n_student} steps", disable=not progress or rank != 0
     )
     for k in bar:
         # The whole global batch from one generator, identical on every rank; each keeps its part.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .bundle import Bundle
+from .bundle import Bundle, BundleError
 from .images import grid_png
 from .io import atomic_write_bytes
 from .sampling import ancestral_sample, ddim_sample, noise_for_seeds
@@ -26,12 +26,34 @@ def reference_images(bundle: Bundle, model: str, steps: int, noise: torch.Tensor
     return images.float().cpu()
 
 
+def resolve_steps(bundle: Bundle, model: str, steps: int | None, exact: bool = False) -> int:
+    """The step count that runs, by the HTTP API's rule. Student: `steps` is a budget, the
+    largest student <= steps runs (with `exact`, only a student of exactly `steps`); no steps
+    means the largest student. Teacher: exact, 1..max; no steps means its default."""
+    if model == "student":
+        if not bundle.student_steps:
+            raise BundleError(f"bundle {bundle.name} has no students; use the teacher")
+        if steps is None:
+            return bundle.student_steps[-1]
+        if exact:
+            if steps not in bundle.student_steps:
+                students = ", ".join(map(str, bundle.student_steps))
+                raise BundleError(f"exact: no student has steps={steps}; students: {students} "
+                                  "(without exact, steps is a budget)")
+            return steps
+        return bundle.student_for_budget(steps)
+    steps = bundle.teacher_default_steps if steps is None and model == "teacher" else steps
+    bundle.check_steps(model, steps)
+    return steps
+
+
 def sample_images(bundle: Bundle, steps: int, n: int = 16, seed: int = 0, label: int | None = None,
                   model: str = "student", sampler: str = "ddim", engine=None):
     """[n, C, H, W] images in [-1, 1]; the same arguments always give the same images.
 
     `engine` is any object with `run(model, steps, noise, labels)` (an Engine); without one the
-    eager reference sampler runs in process."""
+    eager reference sampler runs in process. `steps` is exact here; `resolve_steps` turns a
+    budget into a step count first."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     bundle.check_steps(model, steps)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser, ModelConfig, parameter_count
@@ -25,6 +24,7 @@ from .images import grid_png
 from .io import atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, atomic_write_json
 from .losses import WeightedXLoss
 from .presets import get_preset
+from .progress import progress as progress_bar
 from .sampling import ddim_sample, noise_for_seeds
 
 CHECKPOINT = "checkpoint.pt"
@@ -187,8 +187,8 @@ def train(
         )
     loss_fn = WeightedXLoss(cfg.weighting)
     per_rank = cfg.batch_size // world
-    bar = tqdm(
-        total=cfg.max_steps, initial=step, disable=not progress or rank != 0, dynamic_ncols=True
+    bar = progress_bar(
+        total=cfg.max_steps, initial=step, desc="train", disable=not progress or rank != 0
     )
     started, start_step = time.perf_counter(), step
     loss_sum, loss_count = 0.0, 0

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from halfstep.distill.data import MNIST_FILES, ImageDataset, load_mnist
 from halfstep.distill.io import atomic_save_safetensors, atomic_write_json
+from halfstep.distill.progress import progress as progress_bar
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,6 @@ def accuracy(model: SmallCNN, data: ImageDataset) -> float:
 
 def train_classifier(config: ClassifierConfig, train: ImageDataset, progress: bool = True):
     """Adam on shuffled minibatches; the seed fixes init and order, so runs are repeatable."""
-    from tqdm import tqdm
-
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     model = SmallCNN(config.feature_dim, train.num_labels)
@@ -89,7 +88,8 @@ def train_classifier(config: ClassifierConfig, train: ImageDataset, progress: bo
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
     order = torch.randperm(len(train), generator=gen)
     pos = 0
-    for _ in tqdm(range(config.steps), desc="classifier", disable=not progress, leave=False):
+    bar = progress_bar(range(config.steps), desc="classifier", disable=not progress, leave=False)
+    for _ in bar:
         if pos + config.batch_size > len(order):
             order, pos = torch.randperm(len(train), generator=gen), 0
         x, y = train.batch(order[pos : pos + config.batch_size])

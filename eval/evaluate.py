@@ -20,6 +20,7 @@ import torch
 from halfstep.distill.bundle import Bundle, BundleError
 from halfstep.distill.data import ImageDataset, load_mnist
 from halfstep.distill.io import atomic_torch_save
+from halfstep.distill.progress import progress as progress_bar
 from halfstep.distill.sample import request_seeds
 from halfstep.distill.sampling import ddim_sample, noise_for_seeds
 
@@ -138,8 +139,6 @@ def sample_row(bundle: Bundle, method: str, steps: int, noise: torch.Tensor, lab
     With `partial`, finished batches are saved there every `save_every_s` seconds and a later
     call resumes after them: the teacher's 256-step row is ~35 minutes on CPU, too long to lose.
     """
-    from tqdm import tqdm
-
     if method == "student":
         den, sampler = bundle.denoiser("student", steps), ddim_sample
     elif method in ("ddim", "dpm++"):
@@ -151,8 +150,9 @@ def sample_row(bundle: Bundle, method: str, steps: int, noise: torch.Tensor, lab
     batches = list(zip(noise.split(batch_size), labels.split(batch_size), strict=True))
     out = _load_partial(partial, batch_size, noise)
     saved_at = time.monotonic()
-    for z, y in tqdm(batches[len(out):], desc=f"{method} {steps:>3} steps", initial=len(out),
-                     total=len(batches), disable=not progress, leave=False):
+    for z, y in progress_bar(batches[len(out):], desc=f"{method} {steps:>3} steps",
+                             initial=len(out), total=len(batches), disable=not progress,
+                             leave=False):
         out.append(sampler(den, z.to(device), y.to(device), steps, den.schedule).float().cpu())
         if partial is not None and time.monotonic() - saved_at >= save_every_s:
             atomic_torch_save({"batch_size": batch_size, "images": torch.cat(out)}, partial)

@@ -49,7 +49,7 @@ def _add_train(sub) -> None:
 
 def cmd_train(args) -> int:
     from halfstep.distill.data import absolute_spec, load_dataset
-    from halfstep.distill.train import TrainConfig, init_distributed_from_env, train
+    from halfstep.distill.train import TrainConfig, dist_info, init_distributed_from_env, train
 
     init_distributed_from_env()
     dataset = load_dataset(args.data)
@@ -80,7 +80,8 @@ def cmd_train(args) -> int:
     if args.reset_ema and not args.resume:
         raise UsageError("--reset-ema only applies with --resume")
     out = train(cfg, resume=args.resume, reset_ema=args.reset_ema)
-    print(f"teacher written to {out}")
+    if dist_info()[0] == 0:
+        print(f"teacher written to {out}", flush=True)
     return 0
 
 
@@ -146,7 +147,18 @@ def cmd_distill(args) -> int:
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a bundle into a PNG grid")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded one)")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="student: a budget, the largest student <= STEPS runs (default: the largest); "
+        "teacher: exact (default: its default steps)",
+    )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="student: require a student of exactly --steps steps instead of a budget",
+    )
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=None)
@@ -158,15 +170,23 @@ def _add_sample(sub) -> None:
 
 
 def cmd_sample(args) -> int:
-    from halfstep.distill.sample import sample_images, write_grid
+    from halfstep.distill.sample import resolve_steps, sample_images, write_grid
     from halfstep.engines.factory import make_engine
     from halfstep.server.embedded import load_bundle
 
     bundle = load_bundle(args.bundle)
+    steps = resolve_steps(bundle, args.model, args.steps, exact=args.exact)
+    if args.steps is None:
+        why = "the largest student" if args.model == "student" else "the teacher's default"
+    elif args.model == "student" and not args.exact:
+        why = f"the largest student <= {args.steps}"
+    else:
+        why = "exact"
+    print(f"{args.model}: {steps} steps ({why})")
     engine = None if args.sampler == "ancestral" else make_engine(bundle, args.backend)
     images = sample_images(
         bundle,
-        args.steps,
+        steps,
         n=args.n,
         seed=args.seed,
         label=args.label,

@@ -114,8 +114,21 @@ def test_tiny_pipeline_on_mnist(mnist_dir, tmp_path):
 def test_user_errors_are_one_line(tiny_bundle_dir, tmp_path, capsys):
     cases = [
         (
-            ["sample", "--bundle", tiny_bundle_dir, "--steps", 3, "--out", tmp_path / "x.png"],
-            "available: 1, 2, 4, 8",
+            [
+                "sample",
+                "--bundle",
+                tiny_bundle_dir,
+                "--steps",
+                3,
+                "--exact",
+                "--out",
+                tmp_path / "x.png",
+            ],
+            "no student has steps=3; students: 1, 2, 4, 8",
+        ),
+        (
+            ["sample", "--bundle", tiny_bundle_dir, "--steps", 0, "--out", tmp_path / "x.png"],
+            "below the smallest student",
         ),
         (
             ["sample", "--bundle", tmp_path, "--steps", 1, "--out", tmp_path / "x.png"],
@@ -146,3 +159,28 @@ def test_user_errors_are_one_line(tiny_bundle_dir, tmp_path, capsys):
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_sample_steps_are_a_budget_unless_exact(tiny_bundle_dir, tmp_path, capsys):
+    """The HTTP API's rule: the largest student <= --steps; --exact demands that student."""
+    from halfstep.distill.bundle import Bundle
+    from halfstep.distill.sample import sample_images
+
+    def run(*extra):
+        out = tmp_path / "grid.png"
+        argv = ["sample", "--bundle", tiny_bundle_dir, "--n", 2, "--seed", 5, "--out", out, *extra]
+        assert main([str(a) for a in argv]) == 0
+        return capsys.readouterr().out, out.read_bytes()
+
+    text, budget3 = run("--steps", 3)
+    assert "student: 2 steps (the largest student <= 3)" in text
+    assert budget3 == run("--steps", 2, "--exact")[1]  # the same student, the same images
+    assert "student: 8 steps (the largest student <= 100)" in run("--steps", 100)[0]
+    assert "student: 8 steps (the largest student)" in run()[0]
+    text, exact4 = run("--steps", 4, "--exact")
+    assert "student: 4 steps (exact)" in text and exact4 != budget3
+    assert "teacher: 16 steps (the teacher's default)" in run("--model", "teacher")[0]
+    assert "teacher: 3 steps (exact)" in run("--model", "teacher", "--steps", 3)[0]
+    # The library call stays exact: it runs what it is given.
+    with pytest.raises(ValueError, match="available"):
+        sample_images(Bundle(tiny_bundle_dir), 3, n=1)

@@ -89,3 +89,54 @@ def test_config_validation():
         DistillConfig(teacher="a", out="b", from_steps=8, round_iters={16: 5})
     with pytest.raises(ValueError, match=">= 1 iteration"):
         DistillConfig(teacher="a", out="b", from_steps=8, round_iters={2: 0})
+
+
+def test_progress_prints_plain_lines_off_a_terminal(capsys):
+    """Under pytest stderr is captured, not a terminal: whole lines, no carriage returns."""
+    from halfstep.distill.progress import LineProgress, progress
+
+    bar = progress(range(4), desc="4->2 steps", every_s=0.0)
+    assert isinstance(bar, LineProgress)
+    for _ in bar:
+        bar.set_postfix(loss="0.1250")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("4->2 steps: 4/4 (100%), ")
+    assert lines[0].startswith("4->2 steps: 1/4 (25%), ") and "loss=0.1250" in lines[0]
+
+
+def test_progress_periodic_and_final_line(capsys):
+    from halfstep.distill.progress import progress
+
+    bar = progress(total=10, initial=4, desc="train")  # resumed at 4; every 30 s by default
+    for _ in range(6):
+        bar.update(1)
+    bar.close()
+    bar.close()  # once only
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train: 10/10 (100%), ")
+
+
+def test_progress_disabled_or_on_a_terminal(capsys):
+    from tqdm import tqdm
+
+    from halfstep.distill.progress import progress
+
+    silent = progress(range(3), disable=True)
+    assert list(silent) == [0, 1, 2]
+    silent.set_postfix(loss=1)
+    silent.close()
+    assert capsys.readouterr().err == ""
+    bar = progress(range(3), desc="x", terminal=True)
+    assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2]
+
+
+def test_distill_round_logs_plain_progress(capsys):
+    """distill_round's progress off a terminal: one readable line at the end of the round."""
+    data = synthetic_dataset(32)
+    cfg = DistillConfig(teacher="unused", out="unused", from_steps=2, to_steps=1,
+                        iters_per_round=2, batch_size=4, probe_size=2)
+    distill_round(tiny_denoiser(), data, 1, cfg, WeightedXLoss("snr_trunc"))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "2->1 steps: 2/2 (100%)" in err and "loss=" in err
