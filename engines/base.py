@@ -31,6 +31,11 @@ class Engine(ABC):
     # through kernels whose floats depend on the batch size (TorchEngine on CPU); padding keeps
     # a request's image independent of what it was batched with.
     min_rows: int = 1
+    # True where a row's output does not depend on how many rows share the batch (a dynamic
+    # batch axis whose kernels are batch-invariant, e.g. ONNX Runtime on CPU): such an engine
+    # runs exactly max(n, min_rows) rows; its buckets only bound the batch and name the sizes
+    # to warm up. False: a batch is padded up to its bucket (fixed shapes, per-shape kernels).
+    batch_invariant: bool = False
 
     def __init__(self, bundle: Bundle, buckets: tuple[int, ...] | None = None) -> None:
         self.bundle = bundle
@@ -49,14 +54,20 @@ class Engine(ABC):
         min_rows, when the engine has no buckets)."""
         if n < 1:
             return n  # nothing to run: no padding rows either
-        if self.buckets is None:
+        if self.buckets is None or self.batch_invariant:
             bucket = n
+            if self.buckets and n > self.buckets[-1]:
+                raise EngineError(f"batch of {n} exceeds the largest bucket {self.buckets[-1]}")
         else:
             bucket = next((b for b in self.buckets if b >= n), None)
             if bucket is None:
                 raise EngineError(f"batch of {n} exceeds the largest bucket {self.buckets[-1]}")
         # min_rows pads a small batch up to min_rows itself (never to a far larger bucket)
         return max(bucket, min(self.min_rows, self.max_batch or self.min_rows))
+
+    def rows_for(self, model: str, n: int) -> int:
+        """Rows a batch of n images of `model` really runs (n plus any padding)."""
+        return self.bucket_for(n)
 
     def used_buckets(self) -> list[int]:
         """The batch sizes this engine actually runs (buckets below min_rows never run)."""

@@ -21,6 +21,11 @@ class TeacherFallback(Engine):
         self.name = students.name
         self.device = getattr(students, "device", None)
         self.min_rows = students.min_rows
+        self.batch_invariant = students.batch_invariant
+
+    def rows_for(self, model: str, n: int) -> int:
+        engine = self.teacher if model == "teacher" else self.students
+        return engine.rows_for(model, n)
 
     def run(self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor):
         engine = self.teacher if model == "teacher" else self.students

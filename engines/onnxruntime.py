@@ -1,6 +1,7 @@
 """ONNX Runtime engine: runs the exported N-step students.
 
-CPU: one session per student with a dynamic batch axis. CUDA (needs onnxruntime-gpu): one
+CPU: one session per student with a dynamic batch axis; a batch runs exactly its n rows
+(`batch_invariant`), buckets only bound it. CUDA (needs onnxruntime-gpu): one
 session per student with `enable_cuda_graph`; each batch bucket has its own IO binding over
 static torch CUDA buffers and its own `gpu_graph_id`, so every (steps, bucket) replays one
 captured graph. The teacher is not exported: `OrtEngine` serves it with the eager engine.
@@ -56,6 +57,9 @@ class OrtStudentEngine(Engine):
         if threads is not None and threads < 1:
             raise EngineError(f"threads must be >= 1, got {threads}")
         if self.device.type == "cpu":
+            # the CPU session has a dynamic batch axis and its rows are bitwise independent of
+            # the batch size (tests/test_ort_engine.py checks it): run exactly n rows, no bucket
+            self.batch_invariant = True
             _ort()
             self._sessions = {n: cpu_session(p, threads) for n, p in paths.items()}
         elif self.device.type == "cuda":

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import errno
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+import threading
 
 from halfstep.engines.names import BACKENDS
 
 OPTIONS = (  # flag, type, help; each also reads HALFSTEP_<NAME> (flag > env > default)
     ("--bundle", str, "bundle directory (default: the embedded model)"),
-    ("--host", str, "address to bind (default 0.0.0.0)"),
+    ("--host", str, "address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every "
+                    "interface, as the container image sets)"),
     ("--port", int, "port (default 8000)"),
     ("--backend", str, f"{' | '.join(BACKENDS)} (default auto)"),
     ("--max-batch", int, "most images per executed batch (default 64)"),
@@ -19,6 +29,8 @@ OPTIONS = (  # flag, type, help; each also reads HALFSTEP_<NAME> (flag > env > d
     ("--max-queue", int, "queued requests before 503 (default 256)"),
     ("--timeout-s", float, "deadline for a request still queued: 504 after it (default 30)"),
     ("--drain-s", float, "on SIGTERM, finish accepted work for at most this long (default 30)"),
+    ("--max-backlog-s", float, "bound on queued work in seconds of engine time; 0 = unbounded "
+                               "(default 0)"),
 )
 
 
@@ -58,29 +70,126 @@ def onnx_hint(settings, engine_name: str, bundle) -> str | None:
             f"&& halfstep export --bundle DIR --format onnx && halfstep serve --bundle DIR")
 
 
+class PortInUse(ValueError):
+    """The port is taken (or the address cannot be bound): one line, exit status 2."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for (host, port), made before the bundle loads so that a taken port
+    fails at once. Raises PortInUse saying what to do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is fine
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(f"port {port} is in use (another process listens on {host}:{port}; "
+                            f"stop it or pick another port with --port or HALFSTEP_PORT)") from None
+        raise PortInUse(f"cannot bind {host}:{port} ({exc.strerror or exc}; set --host or "
+                        f"HALFSTEP_HOST to an address of this machine)") from None
+    return sock
+
+
+def bound_url(sock: socket.socket) -> tuple[str, str]:
+    """(the address really bound as host:port, a URL to open from this machine)."""
+    host, port = sock.getsockname()[:2]
+    wildcard = host in ("0.0.0.0", "::")
+    shown = f"[{host}]" if ":" in host else host
+    local = "127.0.0.1" if host == "0.0.0.0" else "[::1]" if host == "::" else shown
+    return f"{shown}:{port}" + (" (all interfaces)" if wildcard else ""), f"http://{local}:{port}"
+
+
+def exposure_warning(address: str, api_key: str | None) -> str | None:
+    """One warning line when `address` is reachable from other machines and no key is set."""
+    if api_key or ipaddress.ip_address(address.split("%")[0]).is_loopback:
+        return None
+    shown = "all interfaces" if address in ("0.0.0.0", "::") else address
+    return (f"halfstep: warning: serving on {shown} without HALFSTEP_API_KEY: anyone who can "
+            f"reach this port can generate images")
+
+
+def log_config() -> dict:
+    """uvicorn's logging, with the halfstep loggers (warm-up, drain, stop) on its handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["halfstep"] = {"handlers": ["default"], "level": "INFO",
+                                     "propagate": False}
+    return config
+
+
 def serve(settings, engine=None) -> int:
-    """Build the app (bundle and engine load here, so a bad bundle fails before binding),
-    say what is served, then run uvicorn until SIGTERM/SIGINT and a bounded drain."""
-    import uvicorn
+    """Bind the port (a taken one fails here, in well under a second), build the app (bundle
+    and engine load here, so a bad bundle fails before serving), say what is served and where,
+    then run uvicorn until SIGTERM/SIGINT and a bounded drain; exits 0, quietly."""
+    sock = bind_socket(settings.host, settings.port)  # before the heavy imports below
+    try:
+        import uvicorn
 
-    from .app import create_app
+        from .app import create_app
 
-    app = create_app(settings, engine=engine)
+        app = create_app(settings, engine=engine)
+    except BaseException:
+        sock.close()
+        raise
     state = app.state.halfstep
     b = state.bundle
+    where, url = bound_url(sock)
     print(
         f"halfstep: serving bundle {b.name} ({b.root}): students "
         f"{', '.join(map(str, b.student_steps)) or 'none'}, teacher up to {b.teacher_max_steps} "
         f"steps; backend {state.engine.name}, buckets {state.engine.used_buckets()}; "
-        f"auth {'on' if settings.api_key else 'off'}; at {settings.url} (playground /, docs /docs)",
+        f"auth {'on' if settings.api_key else 'off'}; at {url} (bound to {where}; "
+        f"playground /, docs /docs)",
         flush=True,
     )
+    warning = exposure_warning(sock.getsockname()[0], settings.api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     hint = onnx_hint(settings, state.engine.name, b)
     if hint:
         print(hint, flush=True)
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, workers=1, log_level="info",
+        app, host=host, port=port, workers=1, log_level="info", log_config=log_config(),
         timeout_graceful_shutdown=settings.drain_s or None, access_log=False,
     )
-    uvicorn.Server(config).run()
+    with quiet_signals():
+        draining_server(config).run(sockets=[sock])
+    sock.close()
     return 0
+
+
+def draining_server(config):
+    """uvicorn's server, saying on the first SIGINT/SIGTERM how many requests it finishes."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if not self.should_exit:
+                logging.getLogger("halfstep.server").info(
+                    "shutting down: finishing %d requests in flight (at most %g s; "
+                    "Ctrl-C again stops at once)",
+                    len(self.server_state.tasks), self.config.timeout_graceful_shutdown or 0)
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+@contextlib.contextmanager
+def quiet_signals():
+    """After a graceful stop uvicorn raises the signal again, which would end the process
+    with a traceback (SIGINT) or a signal status (SIGTERM); here it is absorbed, so the
+    command exits 0 with no traceback."""
+    if threading.current_thread() is not threading.main_thread():  # uvicorn skips them too
+        yield
+        return
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import BatchFailed, DeadlineExceeded, Draining, QueueFull
-from .request import InvalidRequest, allowed
+from .request import InvalidRequest, allowed, unknown_field
 
 
 class Unauthorized(Exception):
@@ -67,7 +67,8 @@ def reject(request: Request, exc: Exception) -> JSONResponse:
 
 async def invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Parameters that fail their declared types or bounds: 422, one line per problem."""
-    problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    problems = [unknown_field(str(e["loc"][-1])) if e["type"] == "extra_forbidden"
+                else f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
     if request.url.path == "/generate":  # it never reached its route, which counts the rest
         request.app.state.halfstep.metrics.requests.labels("422").inc()
     return reject(request, InvalidRequest("; ".join(problems)))

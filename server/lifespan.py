@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -32,9 +33,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     warm.cancel()
     state.ready = False
     state.metrics.ready.set(0)
+    started = time.monotonic()
+    log.info("draining %d requests (at most %g s)", state.batcher.depth, settings.drain_s)
     failed = await state.batcher.close(settings.drain_s)
     if failed:
         log.warning("drain timed out: %d queued requests were failed", failed)
+    log.info("stopped (drain took %.1f s)", time.monotonic() - started)
 
 
 async def warm_up(state: ServerState) -> None:

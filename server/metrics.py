@@ -39,8 +39,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.request_duration = Histogram(
             "halfstep_request_duration_seconds",
-            "Time from a /generate request's arrival to its response, by model, steps used "
-            "and HTTP status",
+            "Time from a /generate request's arrival to its response, by model, lane (steps: "
+            "the student's step count, or teacher) and HTTP status",
             ["model", "steps", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_wait = Histogram(
@@ -72,6 +72,35 @@ class Metrics:
         )
         self.ready = Gauge(
             "halfstep_ready", "1 when warmed up and accepting work, else 0", registry=r,
+        )
+        self.lane_queue_depth = Gauge(
+            "halfstep_lane_queue_depth", "Requests waiting, by lane (student steps or teacher)",
+            ["lane"], registry=r,
+        )
+        self.lane_backlog = Gauge(
+            "halfstep_lane_backlog_seconds",
+            "Predicted engine seconds of the requests waiting, by lane", ["lane"], registry=r,
+        )
+        self.engine_busy = Counter(
+            "halfstep_engine_busy_seconds", "Seconds the engine spent running batches",
+            registry=r,
+        )
+        self.engine_busy_fraction = Gauge(
+            "halfstep_engine_busy_fraction",
+            "Share of the last few seconds (set after each batch) the engine was running",
+            registry=r,
+        )
+        self.padded_rows = Counter(
+            "halfstep_padded_rows", "Padding rows the engine ran beyond the requested images, "
+            "by lane", ["lane"], registry=r,
+        )
+        self.batch_predicted = Gauge(
+            "halfstep_lane_batch_predicted_seconds",
+            "Predicted engine time of the lane's last batch", ["lane"], registry=r,
+        )
+        self.batch_actual = Gauge(
+            "halfstep_lane_batch_seconds", "Measured engine time of the lane's last batch",
+            ["lane"], registry=r,
         )
         for reason in REJECT_REASONS:  # export zeros so rate() works from the first scrape
             self.rejected.labels(reason)

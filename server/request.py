@@ -7,6 +7,7 @@ a step budget buys, which labels exist) and draws each image's noise from its se
 
 from __future__ import annotations
 
+import difflib
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,10 +22,18 @@ from halfstep.distill.sampling import noise_for_seeds
 MAX_N = 64
 MAX_SEED = 2**63 - 1
 MAX_BUDGET = 1_000_000
+MAX_DEADLINE_MS = 600_000
 RANDOM_SEEDS = 2**32  # absent seed: drawn below this, so it survives JavaScript numbers
 STEPS_DOC = ("student: your step budget; the largest distilled student with steps <= budget "
-             "runs (default: the largest student). teacher: exact steps (default: the "
-             "bundle's teacher default)")
+             "runs (absent: the largest student); with exact=true, a student with exactly "
+             "these steps or 422. teacher: exact steps (absent: the bundle's teacher default)")
+DEADLINE_DOC = ("latency deadline: the largest student predicted to finish in time runs; steps "
+                "is then the ceiling")
+EXACT_DOC = ("student: demand a student with exactly `steps` steps (422 listing the students "
+             "otherwise) instead of treating steps as a budget (default false)")
+
+
+FIELDS = ("steps", "model", "n", "seed", "label", "format", "deadline_ms", "exact")
 
 
 class InvalidRequest(ValueError):
@@ -34,11 +43,12 @@ class InvalidRequest(ValueError):
 def request_models(num_labels: int) -> tuple[type[BaseModel], type[BaseModel]]:
     """The parameters for a bundle with `num_labels` labels, as (query model, body model).
 
-    Every field is optional. Both models have the same fields and bounds; they differ only in
-    unknown fields: a query string ignores them, a JSON body is refused for them.
+    Every field is optional. Both models have the same fields and bounds, and both refuse an
+    unknown field (`unknown_field` says which, and what is allowed).
     """
     query = create_model(
         "GenerateQuery",
+        __config__=ConfigDict(extra="forbid"),
         steps=(int | None, Field(None, ge=1, le=MAX_BUDGET, description=STEPS_DOC)),
         model=(Literal["student", "teacher"] | None, Field(None, description="default student")),
         n=(int | None, Field(None, ge=1, le=MAX_N, description="images (default 1)")),
@@ -46,12 +56,21 @@ def request_models(num_labels: int) -> tuple[type[BaseModel], type[BaseModel]]:
         label=(int | None, Field(None, ge=0, le=max(num_labels - 1, 0),
                                  description="class label; absent = unconditional")),
         format=(Literal["png", "json"] | None, Field(None, description="default png")),
+        deadline_ms=(int | None, Field(None, ge=1, le=MAX_DEADLINE_MS, description=DEADLINE_DOC)),
+        exact=(bool | None, Field(None, description=EXACT_DOC)),
     )
 
     class GenerateBody(query):
-        model_config = ConfigDict(extra="forbid")
+        pass
 
     return query, GenerateBody
+
+
+def unknown_field(name: str) -> str:
+    """The 422 message for a parameter that /generate does not have, in the query or the body."""
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown field '{name}'; allowed: {', '.join(FIELDS)}{hint}"
 
 
 def merge(query: BaseModel, body: BaseModel | None) -> dict[str, Any]:
@@ -77,6 +96,7 @@ class GenerateJob:
     fmt: str
     noise: torch.Tensor
     labels: torch.Tensor
+    deadline_ms: int | None = None  # latency deadline; steps is then the ceiling
 
 
 def prepare(p: dict[str, Any], bundle: Bundle) -> GenerateJob:
@@ -88,8 +108,7 @@ def prepare(p: dict[str, Any], bundle: Bundle) -> GenerateJob:
         if model == "student":
             if not bundle.student_steps:
                 raise InvalidRequest(f"bundle {bundle.name} has no students; use model=teacher")
-            steps = bundle.student_for_budget(
-                requested if requested is not None else bundle.student_steps[-1])
+            steps = student_steps(bundle, requested, bool(p.get("exact")))
         else:
             steps = requested if requested is not None else bundle.teacher_default_steps
             bundle.check_steps("teacher", steps)
@@ -101,7 +120,20 @@ def prepare(p: dict[str, Any], bundle: Bundle) -> GenerateJob:
                              if k else "this bundle is unconditional: omit label")
     noise = noise_for_seeds(request_seeds(seed, n), bundle.image_shape)
     labels = torch.full((n,), k if label is None else label, dtype=torch.int64)
-    return GenerateJob(model, steps, requested, n, seed, label, fmt, noise, labels)
+    return GenerateJob(model, steps, requested, n, seed, label, fmt, noise, labels,
+                       deadline_ms=p.get("deadline_ms"))
+
+
+def student_steps(bundle: Bundle, requested: int | None, exact: bool = False) -> int:
+    """The student that runs: the largest with steps <= requested (absent: the largest); with
+    `exact`, the one with exactly `requested` steps. Raises BundleError listing the students."""
+    if requested is None:
+        return bundle.student_steps[-1]
+    if exact and requested not in bundle.student_steps:
+        raise BundleError(f"exact=true: no student has steps={requested}; students: "
+                          f"{', '.join(map(str, bundle.student_steps))} (without exact, "
+                          f"steps is a budget)")
+    return bundle.student_for_budget(requested)
 
 
 def allowed(bundle: Bundle) -> dict[str, Any]:
@@ -115,4 +147,5 @@ def allowed(bundle: Bundle) -> dict[str, Any]:
         "n": f"1..{MAX_N}", "seed": f"0..{MAX_SEED}",
         "label": f"0..{k - 1} or absent (unconditional)" if k else "absent (unconditional model)",
         "format": ["png", "json"],
+        "deadline_ms": f"1..{MAX_DEADLINE_MS} or absent", "exact": "true or false (students)",
     }

@@ -10,7 +10,9 @@ writes PNG or JSON. A refusal on the way is answered and counted by `errors.reje
 # parameter models are made per bundle inside generate_router.
 
 import asyncio
+import dataclasses
 import hmac
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -20,9 +22,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from .batcher import Result
+from .batcher import Overloaded, Result
 from .codec import encode_response
 from .errors import REFUSALS, ClientGone, Unauthorized, reject
+from .lanes import lane_label
 from .request import GenerateJob, merge, prepare, request_models
 from .state import ServerState
 
@@ -37,9 +40,12 @@ GENERATE_DOC = """Parameters come in the query or, equally, as a JSON body (not 
 * `format=json`: `images` is a list of `{seed, png}` (base64), with `model`, `steps`,
   `requested_steps`, `label` and `timings` (queue_s, run_s, encode_s, total_s).
 * Headers: `X-Halfstep-Steps` (steps used), `X-Halfstep-Seed`, `X-Halfstep-Model`,
-  `Server-Timing` (queue, run, encode in ms).
-* Errors: 4xx with `{"error": ..., "allowed": ...}`; 503 + Retry-After when the queue is full;
-  504 when the request waited past its deadline (it never ran); 500 if its batch failed.
+  `Server-Timing` (queue, run, encode, and predicted vs. actual queue + run, in ms).
+* `deadline_ms` with model=student: the largest student within the step budget whose
+  predicted completion (work scheduled ahead + its own batch) meets the deadline runs.
+* Errors: 4xx with `{"error": ..., "allowed": ...}`; 503 + Retry-After when the queue is full,
+  the queued work is over the server's bound, or the deadline cannot be met; 504 when the
+  request waited past its deadline (it never ran); 500 if its batch failed.
 """
 
 bearer = HTTPBearer(auto_error=False, description="set when HALFSTEP_API_KEY is configured")
@@ -115,32 +121,91 @@ async def answer_generate(request: Request, query: BaseModel,
     started = time.perf_counter()
     job, response = None, None
     try:
-        job = prepare(merge(query, body), state.bundle)
-        result = await _submit_watching(request, state, job)
-        response = await encode_response(
+        # drawing n noise tensors and encoding PNGs are CPU work: off the event loop
+        job = await asyncio.to_thread(prepare, merge(query, body), state.bundle)
+        deadline_s = _deadline_s(job)
+        if deadline_s is not None and job.model == "student":
+            job = dataclasses.replace(job, steps=choose_student(state, job, deadline_s))
+        result = await _submit_watching(request, state, job, deadline_s)
+        response = await encode_off_loop(encode_response(
             job, result.images, backend=state.engine.name, queue_s=result.queue_s,
-            run_s=result.run_s, started=started)
+            run_s=result.run_s, started=started))
+        timing = (f"predicted;dur={result.predicted_s * 1e3:.2f}, "
+                  f"actual;dur={(result.queue_s + result.run_s) * 1e3:.2f}")
+        earlier = response.headers.get("Server-Timing")
+        response.headers["Server-Timing"] = f"{earlier}, {timing}" if earlier else timing
     except REFUSALS as exc:
         response = reject(request, exc)
+        if isinstance(exc, Overloaded):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
     finally:
         _record(state, job, response.status_code if response else 500, started)
     return response
 
 
+def _deadline_s(job: GenerateJob) -> float | None:
+    deadline_ms = getattr(job, "deadline_ms", None)
+    return None if deadline_ms is None else deadline_ms / 1000
+
+
+def choose_student(state: ServerState, job: GenerateJob, deadline_s: float) -> int:
+    """The largest student within the job's step ceiling predicted to finish by deadline_s;
+    Overloaded (503 + Retry-After) when not even the fewest-step student is."""
+    batcher = state.batcher
+    students = sorted((s for s in state.bundle.student_steps if s <= job.steps), reverse=True)
+    predicted = 0.0
+    for steps in students:
+        predicted = batcher.predict_s(("student", steps), job.n, deadline_s)
+        if predicted <= deadline_s:
+            return steps
+    raise Overloaded(f"no student meets deadline_ms={deadline_s * 1e3:.0f}: the fastest is "
+                     f"predicted at {predicted * 1e3:.1f} ms", predicted - deadline_s)
+
+
+class _EncodeLoop:
+    """One daemon thread with its own event loop, where responses are encoded: the server's
+    loop only waits on the result (encode_response is a coroutine, so it needs a loop)."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        with self.lock:
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+                threading.Thread(target=self.loop.run_forever, name="halfstep-encode",
+                                 daemon=True).start()
+            return self.loop
+
+
+_ENCODER = _EncodeLoop()
+
+
+async def encode_off_loop(coro):
+    """Await coroutine `coro` run on the encoding thread's loop, not this one."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, _ENCODER.get()))
+
+
 def _record(state: ServerState, job: GenerateJob | None, status: int, started: float) -> None:
-    """Count a finished /generate request, its duration (once it had a job) and its images."""
+    """Count a finished /generate request, its duration (once it had a job) and its images.
+    The steps label is the lane (student steps, or "teacher"): never a raw client value."""
     state.metrics.requests.labels(str(status)).inc()
     if job is not None:
-        state.metrics.request_duration.labels(job.model, str(job.steps), str(status)) \
-            .observe(time.perf_counter() - started)
+        state.metrics.request_duration.labels(
+            job.model, lane_label((job.model, job.steps)), str(status)
+        ).observe(time.perf_counter() - started)
         if status == 200:
             state.metrics.images.labels(job.model).inc(job.n)
 
 
-async def _submit_watching(request: Request, state: ServerState, job: GenerateJob) -> Result:
+async def _submit_watching(request: Request, state: ServerState, job: GenerateJob,
+                           deadline_s: float | None = None) -> Result:
     """Queue the job; if the client disconnects first, cancel it so it never runs."""
     submit = asyncio.ensure_future(state.batcher.submit(
-        (job.model, job.steps), job.noise, job.labels, state.settings.timeout_s))
+        (job.model, job.steps), job.noise, job.labels, state.settings.timeout_s,
+        deadline_s=deadline_s,
+        max_backlog_s=float(getattr(state.settings, "max_backlog_s", 0.0) or 0.0)))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)

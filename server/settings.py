@@ -16,7 +16,7 @@ ENV_PREFIX = "HALFSTEP_"
 @dataclass
 class Settings:
     bundle: str | None = None
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; the container image sets 0.0.0.0
     port: int = 8000
     backend: str = "auto"
     max_batch: int = 64
@@ -26,6 +26,7 @@ class Settings:
     timeout_s: float = 30.0
     drain_s: float = 30.0
     max_body_bytes: int = 16 * 1024
+    max_backlog_s: float = 0.0  # bound on queued work in seconds of engine time; 0 = unbounded
     api_key: str | None = None
 
     def __post_init__(self) -> None:
@@ -40,6 +41,7 @@ class Settings:
             ("timeout_s", 0 < self.timeout_s <= 3600, "(0, 3600]"),
             ("drain_s", 0 <= self.drain_s <= 3600, "0..3600"),
             ("max_body_bytes", 64 <= self.max_body_bytes, ">= 64"),
+            ("max_backlog_s", 0 <= self.max_backlog_s, ">= 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -58,11 +60,6 @@ class Settings:
                 values[f.name] = _parse(f.name, f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    @property
-    def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
 
 
 def _parse(name: str, type_name, raw: str):

@@ -43,6 +43,23 @@ class ServerState:
             "name": b.name, "image_shape": list(b.image_shape), "num_labels": b.num_labels,
             "student_steps": b.student_steps, "teacher_default_steps": b.teacher_default_steps,
             "teacher_max_steps": b.teacher_max_steps, "backend": self.engine.name,
-            "batch_buckets": self.engine.used_buckets() if self.engine.buckets else [],
-            "max_batch": self.max_batch, "max_n": MAX_N,
+            "batch_buckets": self._buckets(), "max_batch": self.max_batch, "max_n": MAX_N,
+            "lanes": self.lanes_info(),
         }
+
+    def _buckets(self) -> list[int]:
+        """Batch sizes the engine pads to; [] when it runs any size (no buckets, or
+        batch-invariant rows: exactly n, at least min_rows)."""
+        e = self.engine
+        return e.used_buckets() if e.buckets and not e.batch_invariant else []
+
+    def lanes_info(self) -> dict[str, dict]:
+        """Each student lane (and every teacher lane seen) with its queued work and latency
+        estimate; empty before the batcher starts."""
+        b = self.batcher
+        if b is None:
+            return {}
+        for steps in self.bundle.student_steps:
+            b.lane(("student", steps))
+        default = b._default_image_step_s()
+        return {f"{m}:{s}": lane.info(default) for (m, s), lane in sorted(b.lanes.items())}

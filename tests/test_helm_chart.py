@@ -189,6 +189,11 @@ def test_every_server_option_maps_to_env() -> None:
     assert "HALFSTEP_BUNDLE" not in e  # the embedded bundle needs none
 
 
+def test_defaults_bind_every_interface(rendered) -> None:
+    """`halfstep serve` binds loopback unless told otherwise; a pod must be reachable."""
+    assert env(rendered["defaults"])["HALFSTEP_HOST"] == "0.0.0.0"
+
+
 def test_server_reads_the_env_the_chart_sets() -> None:
     """The chart's HALFSTEP_* variables, parsed by the server's own settings loader."""
     settings = pytest.importorskip("halfstep.server.settings", reason="server not written yet")

@@ -133,7 +133,10 @@ def test_models_health_and_docs(server, tiny_bundle_dir):
         "name": bundle.name, "image_shape": [1, 28, 28], "num_labels": 10,
         "student_steps": [1, 2, 4, 8], "teacher_default_steps": 16, "teacher_max_steps": 64,
         "backend": "torch", "batch_buckets": [4, 8], "max_batch": 8, "max_n": 64,
+        "lanes": info["lanes"],  # checked below
     }
+    assert set(info["lanes"]) >= {"student:1", "student:2", "student:4", "student:8"}
+    assert info["lanes"]["student:1"]["predicted_lone_ms"] > 0  # from the warm-up
     assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
     assert httpx.get(f"{url}/docs").status_code == 200

@@ -159,10 +159,10 @@ def test_a_failing_batch_fails_only_its_requests(tiny_bundle_dir):
     assert metric_value(text, "halfstep_requests_total", 'status="500"') == 2
 
 
-def test_wait_for_company_is_capped_by_the_recent_batch_time(tiny_bundle_dir):
-    """A lone request at an idle engine waits max_wait_ms for company only until its key has
-    a batch time estimate (from warm-up, or after its first batch); then at most 0.1 x that
-    key's batch time (tiny bundle: milliseconds)."""
+def test_a_lone_request_at_an_idle_engine_runs_at_once(tiny_bundle_dir):
+    """Batches form when the engine frees up: a lone request at an idle engine expects no
+    company, so it runs at once even with a large max_wait_ms (it used to wait max_wait_ms
+    while its key had no batch time estimate)."""
     app, engine = make_app(tiny_bundle_dir, max_wait_ms=1500.0, max_wait_fraction=0.1)
     assert engine.warm_keys == [("student", 1)]  # warm-up times steps=1 only
     with serving(app) as url, Client(url) as c:
@@ -172,9 +172,7 @@ def test_wait_for_company_is_capped_by_the_recent_batch_time(tiny_bundle_dir):
             total = metric_value(c.metrics(), "halfstep_queue_wait_seconds_sum")
             waits.append(total - sum(waits))
     assert set(engine.warm_run_s) == {("student", 1)}
-    assert waits[0] >= 1.4  # steps=2 was not warmed up: no estimate, the configured bound
-    assert waits[1] < 1.0  # its first batch gave one
-    assert waits[2] < 1.0  # steps=1: the warm-up's timing is the estimate from the start
+    assert max(waits) < 1.0
 
 
 def test_wait_limit_rule():
@@ -185,7 +183,7 @@ def test_wait_limit_rule():
         b = Batcher(None, max_batch=8, max_wait_s=0.005, max_queue=4, metrics=Metrics(),
                     wait_fraction=fraction)
         if recent is not None:
-            b._recent_run_s[("student", 4)] = recent
+            b.lane(("student", 4)).batch_s = recent
         return b.wait_limit(("student", 4))
 
     assert limit(0.1) == 0.005  # no batch of this key yet: the configured bound
@@ -195,7 +193,7 @@ def test_wait_limit_rule():
     assert limit(0.0) == limit(0.0, recent=1.0) == 0.0  # 0: never wait
 
     b = Batcher(None, max_batch=8, max_wait_s=0.005, max_queue=4, metrics=Metrics())
-    b._recent_run_s[("student", 2)] = 0.030
+    b.lane(("student", 2)).observe(rows=1, run_s=0.030)
     b.seed_run_times({("student", 4): 0.020, ("student", 2): 1.0})
     assert b.wait_limit(("student", 4)) == pytest.approx(0.002)
     assert b.wait_limit(("student", 2)) == pytest.approx(0.003)  # a measured batch wins

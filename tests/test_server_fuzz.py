@@ -41,7 +41,9 @@ def test_no_input_gives_a_server_error(fuzz_url, mode):
     def check(case):
         response = case.call(base_url=fuzz_url, timeout=60)
         seen.append(response.status_code)
-        assert response.status_code < 500, (
+        # 503 + Retry-After refuses for capacity (queue, backlog, a deadline no student meets)
+        busy = response.status_code == 503 and "retry-after" in response.headers
+        assert response.status_code < 500 or busy, (
             f"{case.method} {case.path} query={case.query} body={case.body!r}: "
             f"{response.status_code} {response.text[:300]}"
         )

@@ -41,6 +41,13 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def set_slider(browser, value: int) -> str:
+    """Set the step slider as a drag would and return what it snapped to."""
+    return browser.execute_script(
+        "const s = document.getElementById('steps'); s.value = arguments[0];"
+        "s.dispatchEvent(new Event('input')); return s.value;", value)
+
+
 def test_generate_from_the_page(tiny_bundle_dir, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -55,9 +62,10 @@ def test_generate_from_the_page(tiny_bundle_dir, browser):
         assert labels == ["", *map(str, range(10))]
         slider = browser.find_element(By.ID, "steps")
         assert (slider.get_attribute("min"), slider.get_attribute("max")) == ("1", "8")
-        browser.execute_script(  # a range input is set by script, as a drag would
-            "const s = document.getElementById('steps'); s.value = 6;"
-            "s.dispatchEvent(new Event('input'));")
+        # the slider stops only at students (1, 2, 4, 8), in the direction it moved
+        assert set_slider(browser, 6) == "8"
+        assert set_slider(browser, 5) == "4"
+        assert browser.find_element(By.ID, "steps-value").text == "4"
         browser.find_element(By.CSS_SELECTOR, "#label option[value='3']").click()
         seed = browser.find_element(By.ID, "seed")
         seed.clear()
@@ -68,7 +76,58 @@ def test_generate_from_the_page(tiny_bundle_dir, browser):
         latency = browser.find_element(By.ID, "latency").text
         width = wait.until(lambda d: d.execute_script(
             "const i = document.getElementById('image'); return i.complete && i.naturalWidth"))
-    assert used.strip() == "steps used: 4"  # budget 6 -> the 4-step student
+    assert used.strip() == "steps used: 4"
     assert latency.startswith("latency: ") and latency.strip().endswith(" ms")
     assert width == 28
     assert ("student", 4, 1) in engine.calls
+
+
+def test_teacher_steps_deadline_errors_and_grids(tiny_bundle_dir, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    app, engine = make_app(tiny_bundle_dir)
+    with serving(app) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: "Bundle tiny" in d.find_element(By.ID, "about").text)
+        Select(browser.find_element(By.ID, "model")).select_by_value("teacher")
+        teacher = browser.find_element(By.ID, "teacher-steps")
+        assert teacher.is_displayed() and not browser.find_element(By.ID, "steps").is_displayed()
+        assert (teacher.get_attribute("value"), teacher.get_attribute("max")) == ("16", "64")
+        teacher.clear()
+        teacher.send_keys("3")
+        n = browser.find_element(By.ID, "n")
+        n.clear()
+        n.send_keys("4")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.ID, "grid"))
+        caption = browser.find_element(By.CSS_SELECTOR, "#out figcaption").text
+        assert "steps used: 3" in caption and "latency: " in caption and "grid: 2x2" in caption
+        assert ("teacher", 3, 4) in engine.calls
+        # deadline_ms goes with the request: 0 is out of bounds, so the server answers 422
+        browser.find_element(By.ID, "deadline").send_keys("0")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "HTTP 422" in d.find_element(By.ID, "status").text)
+        assert "deadline_ms" in browser.find_element(By.ID, "status").text
+        assert not browser.find_elements(By.ID, "image")  # the old image is gone
+
+
+def test_page_fits_a_phone(tiny_bundle_dir, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app, _ = make_app(tiny_bundle_dir)
+    with serving(app) as url:
+        browser.set_window_size(375, 740)
+        browser.get(url + "/")
+        WebDriverWait(browser, 60).until(
+            lambda d: "Bundle tiny" in d.find_element(By.ID, "about").text)
+        width = browser.execute_script("return window.innerWidth")
+        columns = browser.execute_script(
+            "return getComputedStyle(document.getElementById('form')).gridTemplateColumns")
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth")
+    assert width <= 500, "the window could not be made phone-sized"
+    assert len(columns.split()) == 1  # labels above their inputs
+    assert overflow <= 0

@@ -1,0 +1,181 @@
+"""The scheduler with fake engines of controlled timing (no model): engine-free batch formation,
+no padding on batch-invariant backends, earliest deadline first across lanes, admission by
+cost and deadline_ms choosing the student."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from halfstep.engines.base import Engine
+from halfstep.server.batcher import Batcher, Overloaded
+from halfstep.server.metrics import Metrics
+from halfstep.server.routes import choose_student
+
+SHAPE = (1, 2, 2)
+
+
+class FakeEngine:
+    """Sleeps `per_image_step_s` x rows x steps per batch; records (model, steps, rows)."""
+
+    def __init__(self, per_image_step_s: float = 0.001, fixed_s: float = 0.0) -> None:
+        self.per, self.fixed = per_image_step_s, fixed_s
+        self.calls: list[tuple[str, int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def run(self, model, steps, noise, labels):
+        self.entered.set()
+        assert self.gate.wait(30)
+        self.calls.append((model, steps, int(noise.shape[0])))
+        time.sleep(self.fixed + self.per * steps * noise.shape[0])
+        return noise.clone()
+
+
+def noise(n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, *SHAPE), torch.zeros(n, dtype=torch.int64)
+
+
+def make(engine, **kw) -> Batcher:
+    args = dict(max_batch=64, max_wait_s=0.05, max_queue=256, metrics=Metrics(),
+                wait_fraction=1.0)
+    args.update(kw)
+    return Batcher(engine, **args)
+
+
+def test_returning_clients_merge_into_one_batch():
+    """Closed-loop clients that start half a batch apart used to alternate in two half
+    batches (the window ran from the oldest arrival); batches now form at engine-free and
+    wait for the clients of the batch that just finished."""
+    engine = FakeEngine(per_image_step_s=0.0005, fixed_s=0.02)
+
+    async def scenario():
+        b = make(engine)
+        b.start()
+
+        async def client(delay: float):
+            await asyncio.sleep(delay)
+            for _ in range(8):
+                await b.submit(("student", 4), *noise(), timeout_s=10)
+                await asyncio.sleep(0.001)  # encode + the next request on its way back
+
+        await asyncio.gather(*[client(0.0 if i < 8 else 0.01) for i in range(16)])
+        await b.close(5)
+
+    asyncio.run(scenario())
+    rows = [r for _, _, r in engine.calls]
+    assert sum(rows) == 16 * 8
+    # after the first half batch, every batch holds all 16 clients (the early half finishes
+    # its 8 requests one batch before the late half)
+    assert rows[1:-1] == [16] * (len(rows) - 2) and len(rows) <= 10, rows
+
+
+class InvariantEngine(Engine):
+    name = "fake"
+
+    def _run(self, model, steps, noise, labels):
+        return noise.clone()
+
+
+def test_batch_invariant_backends_run_exactly_n_rows(tiny_bundle):
+    dynamic = InvariantEngine(tiny_bundle, buckets=(1, 2, 4, 8, 16, 32, 64))
+    dynamic.batch_invariant = True
+    padded = InvariantEngine(tiny_bundle, buckets=(1, 2, 4, 8, 16, 32, 64))
+    assert [dynamic.bucket_for(n) for n in (1, 3, 17, 33)] == [1, 3, 17, 33]
+    assert [padded.bucket_for(n) for n in (1, 3, 17, 33)] == [1, 4, 32, 64]
+    dynamic.min_rows = 4  # a backend that needs a floor still gets it
+    assert dynamic.bucket_for(1) == 4 and dynamic.bucket_for(17) == 17
+    with pytest.raises(Exception, match="exceeds the largest bucket"):
+        dynamic.bucket_for(65)
+
+
+def test_padded_rows_are_counted_per_lane(tiny_bundle):
+    from halfstep.server.scheduler_run import padded_rows
+
+    bucketed = InvariantEngine(tiny_bundle, buckets=(1, 2, 4, 8, 16, 32, 64))
+    assert padded_rows(bucketed, "student", 17, 64) == 15
+    bucketed.batch_invariant = True
+    assert padded_rows(bucketed, "student", 17, 64) == 0
+
+
+def test_earliest_deadline_first_between_lanes():
+    """A 1-step request that arrives just after a 16-step one runs first: it is due sooner."""
+    engine = FakeEngine(per_image_step_s=0.01)
+
+    async def scenario():
+        b = make(engine, wait_fraction=0.0)
+        b.seed_run_times({("student", 1): 0.01, ("student", 16): 0.16, ("student", 2): 0.02})
+        b.start()
+        engine.gate.clear()
+        blocker = asyncio.create_task(b.submit(("student", 2), *noise(), timeout_s=10))
+        assert await asyncio.to_thread(engine.entered.wait, 10)
+        slow = asyncio.create_task(b.submit(("student", 16), *noise(), timeout_s=10))
+        await asyncio.sleep(0.01)
+        fast = asyncio.create_task(b.submit(("student", 1), *noise(), timeout_s=10))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await asyncio.gather(blocker, slow, fast)
+        await b.close(5)
+
+    asyncio.run(scenario())
+    assert [s for _, s, _ in engine.calls] == [2, 1, 16]
+
+
+def test_admission_by_cost_refuses_with_retry_after():
+    engine = FakeEngine(per_image_step_s=0.1)
+
+    async def scenario():
+        b = make(engine)
+        b.seed_run_times({("student", 4): 0.4})  # 0.1 s per image-step
+        b.start()
+        engine.gate.clear()
+        first = asyncio.create_task(b.submit(("student", 4), *noise(2), timeout_s=30,
+                                             max_backlog_s=2.0))
+        await asyncio.sleep(0.01)
+        assert b.backlog_s() == pytest.approx(0.8, abs=0.01) or engine.entered.is_set()
+        with pytest.raises(Overloaded) as err:  # 0.8 queued or running + 1.6 > 2.0
+            await b.submit(("student", 4), *noise(4), timeout_s=30, max_backlog_s=2.0)
+        ok = asyncio.create_task(b.submit(("student", 4), *noise(1), timeout_s=30,
+                                          max_backlog_s=2.0))  # 0.8 + 0.4 fits
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await asyncio.gather(first, ok)
+        unbounded = await b.submit(("student", 4), *noise(8), timeout_s=30)
+        await b.close(5)
+        return err.value, unbounded
+
+    err, unbounded = asyncio.run(scenario())
+    assert err.retry_after_s == 1 and "over the bound" in str(err)
+    assert unbounded.images.shape[0] == 8
+
+
+def test_deadline_picks_the_largest_student_that_fits_as_the_backlog_grows():
+    engine = FakeEngine(per_image_step_s=0.1)  # 100 ms per image-step
+
+    async def scenario():
+        b = make(engine)
+        b.seed_run_times({("student", s): 0.1 * s for s in (1, 2, 4, 8)})
+        state = SimpleNamespace(batcher=b, bundle=SimpleNamespace(student_steps=[1, 2, 4, 8]))
+        job = SimpleNamespace(steps=8, n=1)
+        chosen = [choose_student(state, job, 1.0)]  # idle: 8 steps = 0.8 s fits 1 s
+        b.start()
+        engine.gate.clear()
+        held = [asyncio.create_task(b.submit(("student", 1), *noise(5), timeout_s=10))]
+        await asyncio.sleep(0.01)  # 0.5 s running ahead: 8 steps no longer fit
+        chosen.append(choose_student(state, job, 1.0))
+        held.append(asyncio.create_task(b.submit(("student", 2), *noise(4), timeout_s=10)))
+        await asyncio.sleep(0.01)  # + 0.8 s queued, due before a 1 s deadline
+        with pytest.raises(Overloaded):
+            choose_student(state, job, 1.0)
+        engine.gate.set()
+        await asyncio.gather(*held)
+        await b.close(5)
+        return chosen
+
+    assert asyncio.run(scenario()) == [8, 4]
