@@ -2,8 +2,7 @@
 # The reference MNIST teacher, resumable end to end: run it again after any interruption.
 #
 # 1. A short comparison on identical batches (every step's batch is seeded by (seed, step)):
-#    GroupNorm groups 32 vs 8 at the preset's learning rate, and a higher peak rate with the
-#    better grouping, SHORT_STEPS each.
+#    GroupNorm groups 32 vs 8 crossed with peak learning rates 2e-4 vs 5e-4, SHORT_STEPS each.
 # 2. The configuration with the lowest mean training loss over the second half of the short
 #    run is continued from its own checkpoint to MAX_STEPS, keeping the EMA weights every
 #    SNAPSHOT_EVERY steps so that `halfstep teacher-curve` can score the quality curve.
@@ -29,7 +28,7 @@ train() {  # train OUT GROUPS LR MAX_STEPS [extra args]
 }
 
 if [ ! -f "$FINAL/checkpoint.pt" ]; then
-  for config in "g32-lr2e-4 32 2e-4" "g8-lr2e-4 8 2e-4" "g8-lr5e-4 8 5e-4"; do
+  for config in "g32-lr2e-4 32 2e-4" "g8-lr2e-4 8 2e-4" "g8-lr5e-4 8 5e-4" "g32-lr5e-4 32 5e-4"; do
     set -- $config
     train "$SWEEP/$1" "$2" "$3" "$SHORT_STEPS" --checkpoint-every 100 --snapshot-every 200
   done
