@@ -3,7 +3,9 @@
 bundle.json is self-describing: format version, image shape, label count, schedule,
 parameterization, time-input mapping, the teacher and every student with its sha256, the
 configs that made them, and files added by later stages (`exports`). Every write is atomic;
-loading verifies every sha256 and tensor shape and names the bad file.
+loading validates the whole manifest (keys, types, the image shape against the model config
+and the weights' headers), verifies every sha256 and tensor shape, and names the bad field or
+file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from safetensors.torch import load_file
 
 from .denoiser import Denoiser, ModelConfig, build_unet
 from .io import atomic_save_safetensors, atomic_write_json, sha256_file
+from .manifest_check import check_manifest, check_weight_shapes
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
@@ -89,6 +92,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{path} has format_version {manifest.get('format_version')!r}; "
@@ -127,6 +132,7 @@ class Bundle:
     def __init__(self, root: str | os.PathLike, verify: bool = True) -> None:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+        check_manifest(self.manifest, self.root / MANIFEST, BundleError)
         try:
             self.config = ModelConfig.from_dict(self.manifest["model"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -209,6 +215,7 @@ class Bundle:
                     shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             except Exception as exc:  # safetensors raises its own error types
                 raise BundleError(f"bundle file unreadable: {path}: {exc}") from None
+            check_weight_shapes(self.manifest, path, shapes, self.root / MANIFEST, BundleError)
             if shapes != expected:
                 bad = sorted(set(shapes.items()) ^ set(expected.items()))[:3]
                 raise BundleError(f"bundle file {path} has wrong tensor names/shapes, e.g. {bad}")

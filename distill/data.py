@@ -2,7 +2,7 @@
 
 A dataset is held in memory as uint8 images [N, C, H, W] and int64 labels [N]; batches are
 scaled to [-1, 1]. `--data` specs: `mnist:DIR` (or `mnist` with $HALFSTEP_MNIST_DIR),
-`folder:DIR`, `synthetic[:N]`.
+`folder:DIR[?channels=1|3&size=N]` (see folder.py), `synthetic[:N]`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .folder import IMAGE_SUFFIXES, DataError, join_spec, read_folder, split_spec
+
+__all__ = ["IMAGE_SUFFIXES", "DataError", "ImageDataset", "load_dataset", "load_folder"]
+
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-class DataError(ValueError):
-    """A missing or malformed data file; the message names it."""
 
 
 @dataclass
@@ -93,38 +92,22 @@ def load_mnist(directory: str | os.PathLike | None, split: str = "train") -> Ima
     )
 
 
-def load_folder(directory: str | os.PathLike, image_size: int | None = None) -> ImageDataset:
-    """Images under DIR; one sub-folder per class if there are sub-folders, else unlabelled."""
-    from PIL import Image, UnidentifiedImageError
+def load_folder(
+    directory: str | os.PathLike,
+    image_size: int | None = None,
+    channels: int | None = None,
+    notice=None,
+) -> ImageDataset:
+    """Images under DIR; one sub-folder per class if there are sub-folders, else unlabelled.
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"image folder not found: {directory}")
-    classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
-    sources = [(directory / c, i) for i, c in enumerate(classes)] or [(directory, 0)]
-    arrays, labels = [], []
-    for folder, label in sources:
-        for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("L")
-                    if image_size:
-                        img = img.resize((image_size, image_size), Image.BICUBIC)
-                    arrays.append(np.asarray(img, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"cannot read image {path}: {exc}") from None
-            labels.append(label)
-    if not arrays:
-        raise DataError(f"no PNG/JPEG images found under {directory}")
-    if len({a.shape for a in arrays}) != 1:
-        raise DataError(f"images under {directory} differ in size; pass an image size to resize")
+    channels: 1 or 3 (default: 3 when any image has colour); image_size: resize the shorter
+    side and center-crop (default: the images' own size, which must agree)."""
+    images, labels, num_labels = read_folder(directory, channels, image_size, notice)
     return ImageDataset(
-        images=torch.from_numpy(np.stack(arrays)).unsqueeze(1),
-        labels=torch.tensor(labels, dtype=torch.int64),
-        num_labels=len(classes),
-        name=f"folder-{directory.name}",
+        images=torch.from_numpy(images),
+        labels=torch.from_numpy(labels),
+        num_labels=num_labels,
+        name=f"folder-{Path(directory).name}",
     )
 
 
@@ -140,15 +123,16 @@ def synthetic_dataset(n: int = 512, image_size: int = 28, num_labels: int = 10, 
     return ImageDataset(images=images, labels=labels, num_labels=num_labels, name="synthetic")
 
 
-def load_dataset(spec: str, split: str = "train") -> ImageDataset:
-    """Parse a `--data` spec: mnist:DIR | mnist | folder:DIR | synthetic[:N]."""
+def load_dataset(spec: str, split: str = "train", notice=None) -> ImageDataset:
+    """Parse a `--data` spec: mnist:DIR | mnist | folder:DIR[?channels=C&size=N] | synthetic[:N]."""
     kind, _, arg = spec.partition(":")
     if kind == "mnist":
         return load_mnist(arg or None, split)
     if kind == "folder":
-        if not arg:
+        directory, options = split_spec(arg)
+        if not directory:
             raise DataError("folder data needs a directory: folder:DIR")
-        return load_folder(arg)
+        return load_folder(directory, options.get("size"), options.get("channels"), notice)
     if kind == "synthetic":
         return synthetic_dataset(int(arg) if arg else 512, seed=0 if split == "train" else 1)
     raise DataError(f"unknown data spec {spec!r}; use mnist:DIR, folder:DIR or synthetic")
@@ -157,6 +141,35 @@ def load_dataset(spec: str, split: str = "train") -> ImageDataset:
 def absolute_spec(spec: str) -> str:
     """Make a spec's directory absolute, so a saved config works from any working directory."""
     kind, sep, arg = spec.partition(":")
-    if kind in ("mnist", "folder") and arg:
+    if kind == "mnist" and arg:
         return f"{kind}:{Path(arg).resolve()}"
+    if kind == "folder" and arg:
+        directory, options = split_spec(arg)
+        return join_spec(str(Path(directory).resolve()), options.get("channels"),
+                         options.get("size"))
     return spec
+
+
+def with_options(spec: str, channels: int | None = None, image_size: int | None = None) -> str:
+    """Fold `--channels` / `--image-size` into a folder spec; they apply to folder data only
+    and must agree with options already in the spec."""
+    if channels is None and image_size is None:
+        return spec
+    kind, _, arg = spec.partition(":")
+    if kind != "folder":
+        raise DataError(f"--channels and --image-size apply to folder:DIR data, not {spec!r}")
+    directory, options = split_spec(arg)
+    for key, value in (("channels", channels), ("size", image_size)):
+        if value is not None and options.get(key, value) != value:
+            raise DataError(f"{spec!r} says {key}={options[key]} but the flag says {value}")
+    return join_spec(directory, options.get("channels", channels), options.get("size", image_size))
+
+
+def resolved_spec(spec: str, dataset: ImageDataset) -> str:
+    """A folder spec with the channels and size the dataset was read with, for the run's
+    config: re-reading it gives the same images whatever the defaults decided."""
+    kind, _, arg = spec.partition(":")
+    if kind != "folder":
+        return spec
+    channels, size, _ = dataset.image_shape
+    return join_spec(split_spec(arg)[0], channels, size)

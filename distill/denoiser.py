@@ -13,11 +13,14 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from .parameterization import check_parameterization, output_channels, x_hat_from_output
-from .schedule import CosineSchedule
+from .schedule import CosineSchedule, DiscreteSchedule, schedule_from_dict
 
 # The time input the UNet sees: its sinusoidal embedding of 1000 * t for t in [0, 1], the
 # scale of the official progressive distillation code.
 TIME_INPUT = "1000t"
+# Imported diffusers models see their own timestep index: (T - 1) * t, with T the discrete
+# schedule's num_train_timesteps, so t = k / (T - 1) feeds exactly the step k they trained on.
+DISCRETE_TIME_INPUT = "(T-1)t"
 
 
 @dataclass
@@ -34,12 +37,17 @@ class ModelConfig:
     dropout: float = 0.0
     schedule: dict = field(default_factory=lambda: CosineSchedule().to_dict())
     time_input: str = TIME_INPUT
+    # A diffusers UNet2DModel config, for imported models whose layout build_unet's own
+    # recipe does not describe; None for models trained here (and then left out of to_dict).
+    unet: dict | None = None
 
     def __post_init__(self) -> None:
         check_parameterization(self.parameterization)
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
-        if self.time_input != TIME_INPUT:
-            raise ValueError(f"unsupported time_input {self.time_input!r}; expected {TIME_INPUT}")
+        expected = DISCRETE_TIME_INPUT if self.schedule.get("name") == "discrete" else TIME_INPUT
+        if self.time_input != expected:
+            raise ValueError(f"unsupported time_input {self.time_input!r} for a "
+                             f"{self.schedule.get('name', 'cosine')} schedule; expected {expected}")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(
                 f"every block width {self.block_out_channels} must be divisible by "
@@ -47,6 +55,14 @@ class ModelConfig:
             )
         if self.num_labels < 0:
             raise ValueError("num_labels must be >= 0")
+        if self.channels < 1 or self.image_size < 1:
+            raise ValueError(f"image shape {self.image_shape} must be positive")
+        factor = 2 ** (len(self.block_out_channels) - 1)  # the UNet halves the size per level
+        if self.image_size % factor:
+            raise ValueError(
+                f"image size {self.image_size} must be divisible by {factor} for "
+                f"{len(self.block_out_channels)} UNet levels; pick another --image-size or preset"
+            )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -55,7 +71,16 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
+        if d["unet"] is None:
+            del d["unet"]
         return d
+
+    @property
+    def time_scale(self) -> float:
+        """The factor from t in [0, 1] to the UNet's timestep input."""
+        if self.time_input == DISCRETE_TIME_INPUT:
+            return float(DiscreteSchedule.from_dict(self.schedule).num_train_timesteps - 1)
+        return 1000.0
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -64,6 +89,8 @@ class ModelConfig:
 
 
 def build_unet(config: ModelConfig) -> UNet2DModel:
+    if config.unet is not None:
+        return UNet2DModel.from_config(config.unet)
     depth = len(config.block_out_channels)
     return UNet2DModel(
         sample_size=config.image_size,
@@ -86,7 +113,7 @@ class Denoiser(nn.Module):
     def __init__(self, config: ModelConfig, unet: UNet2DModel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.schedule = CosineSchedule.from_dict(config.schedule)
+        self.schedule = schedule_from_dict(config.schedule)
         self.unet = unet if unet is not None else build_unet(config)
 
     @property
@@ -111,7 +138,7 @@ class Denoiser(nn.Module):
             class_labels = labels.to(device=z.device, dtype=torch.long)
         else:
             class_labels = None
-        out = self.unet(z, 1000.0 * t.to(z.dtype), class_labels=class_labels).sample  # TIME_INPUT
+        out = self.unet(z, self.config.time_scale * t.to(z.dtype), class_labels=class_labels).sample
         return x_hat_from_output(self.config.parameterization, out, z, alpha, sigma)
 
 

@@ -239,6 +239,10 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
     device = training_device()
     train_cfg, teacher = load_run(cfg.teacher)
     dataset = load_dataset(cfg.data or train_cfg.data)
+    if dataset.image_shape != teacher.config.image_shape:
+        raise ValueError(
+            f"data shape {dataset.image_shape} != teacher shape {teacher.config.image_shape}"
+        )
     out = Path(cfg.out)
     exists = (out / "bundle.json").is_file()
     if exists and not resume:

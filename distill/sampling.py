@@ -52,6 +52,36 @@ def ddim_sample(
 
 
 @torch.no_grad()
+def ddim_steps(
+    denoise: DenoiseFn,
+    z: torch.Tensor,
+    labels: torch.Tensor | None,
+    steps: int,
+    schedule: CosineSchedule,
+    start: int,
+    stop: int,
+    clip: bool = True,
+) -> torch.Tensor:
+    """Steps start..stop-1 of `ddim_sample`'s loop, from z at grid point `start`: returns z at
+    grid point `stop`, or the images (the last x_hat) when stop == steps. Running 0..k, k..m,
+    ..., ..steps in turn gives ddim_sample's images bit for bit (same operations, same order)."""
+    if not 0 <= start < stop <= steps:
+        raise ValueError(f"need 0 <= start < stop <= steps, got {start}, {stop}, {steps}")
+    grid = time_grid(steps)
+    x_hat = z
+    for t, s in zip(grid[start:stop], grid[start + 1:stop + 1]):
+        t_vec = torch.full((z.shape[0],), t, dtype=torch.float32, device=z.device)
+        x_hat = denoise(z, t_vec, labels)
+        if clip:
+            x_hat = x_hat.clamp(-1.0, 1.0)
+        if s > 0:
+            alpha_t, sigma_t = schedule.alpha_sigma_float(t)
+            alpha_s, sigma_s = schedule.alpha_sigma_float(s)
+            z = ddim_step(z, x_hat, alpha_t, sigma_t, alpha_s, sigma_s)
+    return x_hat if stop == steps else z
+
+
+@torch.no_grad()
 def ancestral_sample(
     denoise: DenoiseFn,
     noise: torch.Tensor,

@@ -11,6 +11,7 @@ import sys
 
 from halfstep import __version__
 from halfstep.distill.cli_args import positive_ints, round_iterations, round_learning_rates
+from halfstep.distill.data_args import add_folder_options
 
 
 class UsageError(Exception):
@@ -19,9 +20,12 @@ class UsageError(Exception):
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a teacher diffusion model")
-    p.add_argument("--data", required=True, help="mnist:DIR | folder:DIR | synthetic[:N]")
+    p.add_argument(
+        "--data", required=True, help="mnist:DIR | folder:DIR[?channels=C&size=N] | synthetic[:N]"
+    )
+    add_folder_options(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, config, samples)")
-    p.add_argument("--preset", default="tiny", help="tiny | mnist")
+    p.add_argument("--preset", default="tiny", help="tiny | mnist | cifar32")
     p.add_argument("--parameterization", default=None, help="v (default) | x | eps | both")
     p.add_argument("--weighting", default=None, help="snr_trunc (default) | snr_plus_one | snr")
     p.add_argument("--max-steps", type=int)
@@ -48,14 +52,16 @@ def _add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from halfstep.distill.data import absolute_spec, load_dataset
+    from halfstep.distill.data import load_dataset, resolved_spec
+    from halfstep.distill.data_args import train_data_spec
     from halfstep.distill.train import TrainConfig, dist_info, init_distributed_from_env, train
 
     init_distributed_from_env()
-    dataset = load_dataset(args.data)
+    spec = train_data_spec(args.data, args.channels, args.image_size)
+    dataset = load_dataset(spec)
     cfg = TrainConfig.from_preset(
         args.preset,
-        absolute_spec(args.data),
+        resolved_spec(spec, dataset),
         args.out,
         dataset.image_shape,
         dataset.num_labels,
@@ -114,7 +120,13 @@ def _add_distill(sub) -> None:
         default=0.1,
         help="fraction of labels replaced by 'no label', keeping unconditional sampling (0.1)",
     )
-    p.add_argument("--data", default=None, help="defaults to the teacher's training data")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="defaults to the teacher's training data; folder data is read at the teacher's "
+        "channels and image size unless --channels / --image-size say otherwise",
+    )
+    add_folder_options(p)
     p.add_argument("--name", default=None, help="bundle name (default: the directory name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue after the last finished round")
@@ -122,7 +134,7 @@ def _add_distill(sub) -> None:
 
 
 def cmd_distill(args) -> int:
-    from halfstep.distill.data import absolute_spec
+    from halfstep.distill.data_args import distill_data_spec
     from halfstep.distill.progressive import DistillConfig, distill_run
 
     cfg = DistillConfig(
@@ -136,7 +148,7 @@ def cmd_distill(args) -> int:
         lr=args.lr,
         round_lr=args.round_lr,
         label_dropout=args.label_dropout,
-        data=absolute_spec(args.data) if args.data else None,
+        data=distill_data_spec(args.data, args.channels, args.image_size, args.teacher),
         name=args.name,
         seed=args.seed,
     )
@@ -213,6 +225,26 @@ def cmd_copy_bundle(args) -> int:
     return 0
 
 
+def _add_import_diffusers(sub) -> None:
+    p = sub.add_parser(
+        "import-diffusers",
+        help="a diffusers UNet2DModel + DDPM/DDIM scheduler (save_pretrained) as a teacher run",
+    )
+    p.add_argument("src", help="directory with the UNet and scheduler_config.json (or unet/, "
+                               "scheduler/ sub-folders)")
+    p.add_argument("--out", required=True, help="run directory to write (for distill --teacher)")
+    p.add_argument("--data", default="", help="data spec recorded for distill (else pass "
+                                              "distill --data)")
+    p.set_defaults(func=cmd_import_diffusers)
+
+
+def cmd_import_diffusers(args) -> int:
+    from halfstep.distill.diffusers_import import import_diffusers
+
+    print(f"teacher run written to {import_diffusers(args.src, args.out, args.data)}")
+    return 0
+
+
 # Later stages register their own subcommands: each module has `register(subparsers)`.
 PLUGIN_MODULES = (
     "halfstep.export.cli",
@@ -233,7 +265,7 @@ def _plugins():
                 raise
 
 
-SUBCOMMANDS = [_add_train, _add_distill, _add_sample, _add_copy_bundle]
+SUBCOMMANDS = [_add_train, _add_distill, _add_sample, _add_copy_bundle, _add_import_diffusers]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,3 +127,58 @@ def test_copy_bundle_keeps_chosen_students(tiny_bundle_dir, tmp_path):
 def test_written_files_are_world_readable(tiny_bundle_dir):
     for path in tiny_bundle_dir.iterdir():
         assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def _edit(root, change) -> None:
+    m = json.loads((root / "bundle.json").read_text())
+    change(m)
+    (root / "bundle.json").write_text(json.dumps(m))
+
+
+def _set_model(**fields):
+    def change(m):
+        m["model"].update(fields)
+        if "channels" in fields or "image_size" in fields:
+            size = m["model"]["image_size"]
+            m["image_shape"] = [m["model"]["channels"], size, size]
+        if "num_labels" in fields:
+            m["num_labels"] = fields["num_labels"]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.pop("students"), r"field 'students' is missing"),
+        (lambda m: m.pop("image_shape"), r"field 'image_shape' is missing"),
+        (lambda m: m.update(students={}), r"field 'students' must be list"),
+        (lambda m: m.update(num_labels="10"), r"field 'num_labels' must be int"),
+        (lambda m: m.update(image_shape=[1, 28]), r"field 'image_shape' must be \[channels"),
+        (lambda m: m.update(image_shape=[3, 28, 28]), r"'image_shape' is \[3, 28, 28\] but model"),
+        (lambda m: m.update(image_shape=[1, 32, 32]), r"'image_shape' is \[1, 32, 32\] but model"),
+        (lambda m: m.update(image_shape=[1, 28, 32]), r"'image_shape' must be square"),
+        (lambda m: m.update(num_labels=3), r"'num_labels' is 3 but model.num_labels is 10"),
+        (lambda m: m["teacher"].pop("sha256"), r"field 'teacher.sha256' must be 64"),
+        (lambda m: m["teacher"].update(max_steps=0), r"field 'teacher.max_steps' must be an int"),
+        (lambda m: m["students"][1].update(steps="2"), r"field 'students\[1\].steps'"),
+        (lambda m: m["students"][1].update(steps=1), r"'students\[1\].steps' repeats steps=1"),
+        (lambda m: m["students"][0].pop("file"), r"field 'students\[0\].file'"),
+        (lambda m: m.update(exports=[3]), r"field 'exports\[0\]'"),
+        # the weights' headers disagree with a self-consistent manifest
+        (_set_model(channels=3), r"'image_shape' says 3 channel\(s\) but teacher.safetensors"),
+        (_set_model(num_labels=4), r"'num_labels' is 4 but teacher.safetensors has 11 class"),
+        (_set_model(image_size=27), r"bad model config: image size 27 must be divisible by 2"),
+    ],
+)
+def test_bad_manifests_name_the_field_and_file(bundle_copy, change, message):
+    _edit(bundle_copy, change)
+    with pytest.raises(BundleError, match=message) as info:
+        Bundle(bundle_copy)
+    assert "bundle.json" in str(info.value) or ".safetensors" in str(info.value)
+
+
+def test_manifest_that_is_not_an_object(bundle_copy):
+    (bundle_copy / "bundle.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match="expected a JSON object"):
+        Bundle(bundle_copy)

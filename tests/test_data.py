@@ -1,5 +1,6 @@
 import gzip
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +60,80 @@ def test_unknown_spec():
     with pytest.raises(DataError, match="unknown data spec"):
         load_dataset("imagenet:/x")
     assert len(load_dataset("synthetic:64")) == 64
+
+
+def _write(path, mode="RGB", size=(8, 8), colour=(200, 30, 60)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode == "RGB" else colour[0]).save(path)
+
+
+def test_folder_keeps_colour_by_default(tmp_path):
+    _write(tmp_path / "a" / "0.png")
+    _write(tmp_path / "b" / "0.png", mode="L")
+    notes: list[str] = []
+    ds = load_folder(tmp_path, notice=notes.append)
+    assert ds.image_shape == (3, 8, 8) and ds.num_labels == 2
+    assert ds.images[0, :, 0, 0].tolist() == [200, 30, 60]
+    assert ds.images[1, 0, 0, 0] == ds.images[1, 2, 0, 0] == 200  # gray -> equal RGB
+    assert len(notes) == 1 and "--channels 3" in notes[0] and "colour" in notes[0]
+    gray = load_folder(tmp_path, channels=1, notice=notes.append)
+    assert gray.image_shape == (1, 8, 8) and len(notes) == 1  # explicit: no notice
+
+
+def test_grayscale_folder_notice(tmp_path, capsys):
+    _write(tmp_path / "0.png", mode="L")
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.image_shape == (1, 8, 8) and ds.num_labels == 0
+    assert "grayscale: using --channels 1" in capsys.readouterr().err
+
+
+def test_resize_and_center_crop(tmp_path):
+    img = Image.new("RGB", (20, 10), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 5, 10))  # a red band at the left edge: cropped away
+    img.save(tmp_path / "wide.png")
+    _write(tmp_path / "small.png", size=(4, 4))
+    ds = load_dataset(f"folder:{tmp_path}?size=6&channels=3", notice=print)
+    assert ds.image_shape == (3, 6, 6)
+    wide = ds.images[1]  # sorted: small.png, wide.png
+    assert int(wide[0].max()) < 128  # 20x10 -> 12x6, crop columns 3..8: band (0..2) is gone
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="no PNG/JPEG images found"):
+        load_folder(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _write(tmp_path / "a" / "x.png", size=(8, 8))
+    with pytest.raises(DataError, match=r"class folder .*b has no PNG/JPEG"):
+        load_folder(tmp_path)
+    _write(tmp_path / "b" / "y.png", size=(10, 10))
+    sizes = r"differ in size .*x.png is 8x8.*y.png is 10x10.*--image-size"
+    with pytest.raises(DataError, match=sizes):
+        load_folder(tmp_path)
+    assert load_folder(tmp_path, image_size=8, channels=3).image_shape == (3, 8, 8)
+    _write(tmp_path / "b" / "y.png", size=(8, 4))
+    _write(tmp_path / "a" / "x.png", size=(8, 4))
+    with pytest.raises(DataError, match=r"8x4 .*not square; pass --image-size"):
+        load_folder(tmp_path)
+    (tmp_path / "b" / "z.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.raises(DataError, match=r"cannot read image .*z.jpg"):
+        load_folder(tmp_path, image_size=4)
+
+
+def test_folder_spec_options(tmp_path):
+    from halfstep.distill.data import absolute_spec, resolved_spec, with_options
+
+    with pytest.raises(DataError, match="unknown folder option 'colour'"):
+        load_dataset(f"folder:{tmp_path}?colour=1")
+    with pytest.raises(DataError, match="channels must be 1 or 3"):
+        load_dataset(f"folder:{tmp_path}?channels=4")
+    with pytest.raises(DataError, match="apply to folder:DIR data"):
+        with_options("mnist:/x", channels=3)
+    with pytest.raises(DataError, match="says size=32 but the flag says 16"):
+        with_options("folder:d?size=32", image_size=16)
+    assert with_options("folder:d", 3, 32) == "folder:d?channels=3&size=32"
+    assert absolute_spec("folder:rel?size=8") == f"folder:{Path('rel').resolve()}?size=8"
+    _write(tmp_path / "0.png")
+    ds = load_dataset(f"folder:{tmp_path}", notice=lambda _: None)
+    assert resolved_spec(f"folder:{tmp_path}", ds) == f"folder:{tmp_path}?channels=3&size=8"
+    assert resolved_spec("mnist:/m", ds) == "mnist:/m"
