@@ -247,6 +247,7 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
     exists = (out / "bundle.json").is_file()
     if exists and not resume:
         raise BundleError(f"{out} already holds a bundle; pass --resume or choose another --out")
+    _barrier()  # every rank has looked before rank 0 creates it
     if not exists and rank == 0:
         configs = {"train": train_cfg.to_dict(), "distill": asdict(cfg)}
         create_bundle(

@@ -44,6 +44,9 @@ class Engine(ABC):
         # (model, steps) -> seconds of one warm single-image batch, measured by warmup(): the
         # server's first estimate of a key's batch time, before any request has run.
         self.warm_run_s: dict[tuple[str, int], float] = {}
+        # Set (to the reason) when the engine can no longer serve, e.g. a CUDA graph capture
+        # failed: the server then answers /healthz and /readyz with 503 so the pod restarts.
+        self.failure: str | None = None
 
     @property
     def max_batch(self) -> int | None:
@@ -91,13 +94,38 @@ class Engine(ABC):
     ) -> torch.Tensor:
         """Pad to a bucket, sample, and return exactly B images."""
         self.check_inputs(model, steps, noise, labels)
+        return self._padded(self._run, noise, labels, model, steps)
+
+    def chunkable(self, model: str) -> bool:
+        """True when `run_chunk` can run `model` a slice of its steps at a time."""
+        return False
+
+    def run_chunk(self, model: str, steps: int, z: torch.Tensor, labels: torch.Tensor,
+                  start: int, stop: int) -> torch.Tensor:
+        """Steps start..stop-1 of the N-step sampler from z (the noise when start == 0):
+        z after them ([B, C, H, W] float32 on the CPU), or the images when stop == steps.
+        Chunks 0..k, k..m, ..., ..steps give run()'s images bit for bit; padding and the lock
+        as run(), so other batches can run between chunks."""
+        self.check_inputs(model, steps, z, labels)
+        if not self.chunkable(model):
+            raise EngineError(f"{self.name} cannot run {model} in chunks of steps")
+        if not 0 <= start < stop <= steps:
+            raise EngineError(f"chunk {start}..{stop} is outside 0..{steps}")
+        return self._padded(self._run_chunk, z, labels, model, steps, start, stop)
+
+    def _run_chunk(self, model, steps, z, labels, start, stop) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _padded(self, fn, noise: torch.Tensor, labels: torch.Tensor, *args) -> torch.Tensor:
+        """fn(*args, noise, labels, ...) on the batch padded to its bucket, under the lock."""
         n = noise.shape[0]
         padded = self.bucket_for(n)
         if padded > n:  # padding rows never influence real rows: the network is per-example
             noise = torch.cat([noise, noise[:1].expand(padded - n, *noise.shape[1:])])
             labels = torch.cat([labels, labels[:1].expand(padded - n)])
+        model, steps, *rest = args
         with self.lock:
-            images = self._run(model, steps, noise, labels.to(torch.int64))
+            images = fn(model, steps, noise, labels.to(torch.int64), *rest)
         if images.shape[0] != padded:
             raise EngineError(f"{self.name} returned {images.shape[0]} images for {padded} inputs")
         return images[:n]

@@ -1,4 +1,7 @@
-"""CudaGraphEngine: the unrolled N-step DDIM loop as one CUDA graph per (model, steps, bucket).
+"""CudaGraphEngine: the unrolled N-step DDIM loop as one CUDA graph per (student steps, bucket).
+
+Graphs are captured at warm-up only, for the students (a bounded set: students x buckets); the
+teacher, whose step count clients choose, runs eagerly (and in chunks of steps, `run_chunk`).
 
 One replay launches every kernel of all N steps, so a small batch no longer pays the Python
 and launch overhead of each kernel. `ddim_sample` bakes the time grid and alpha/sigma in as
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from halfstep.distill.bundle import Bundle
-from halfstep.distill.sampling import ddim_sample, noise_for_seeds
+from halfstep.distill.sampling import ddim_sample, ddim_steps, noise_for_seeds
 
 from .base import DEFAULT_BUCKETS, Engine, EngineError
 
@@ -62,12 +65,15 @@ def make_sampler(den: torch.nn.Module, dtype: torch.dtype, steps: int,
     z and the DDIM update stay in float32 (rounding errors would otherwise accumulate over the
     steps); only the denoiser's input is cast down and its x_hat cast back up.
     """
-    if dtype == torch.float32:
-        denoise = den
-    else:
-        def denoise(z, t, labels):
-            return den(z.to(dtype), t, labels).float()
+    denoise = reduced(den, dtype)
     return lambda noise, labels: ddim_sample(denoise, noise, labels, steps, den.schedule)
+
+
+def reduced(den: torch.nn.Module, dtype: torch.dtype) -> Callable:
+    """The denoiser in `dtype`, taking and giving float32 (z and the update stay float32)."""
+    if dtype == torch.float32:
+        return den
+    return lambda z, t, labels: den(z.to(dtype), t, labels).float()
 
 
 def image_error(images: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -141,14 +147,20 @@ class CudaGraphEngine(Engine):
         den = self.bundle.denoiser(model, steps if model == "student" else None)
         return copy.deepcopy(den).to(device=self.device, dtype=dtype)
 
+    def _weights_for(self, model: str, steps: int) -> torch.nn.Module:
+        weights = (model, steps if model == "student" else 0)  # one teacher for all steps
+        if weights not in self._weights:
+            self._weights[weights] = self._denoiser(model, steps, self.dtype)
+        return self._weights[weights]
+
     def _sampler(self, model: str, steps: int) -> Callable:
+        if model == "teacher":  # never cached: clients choose teacher steps freely
+            return make_sampler(self._weights_for(model, steps), self.dtype, steps)
         if (model, steps) not in self._samplers:
             if self.dtype != torch.float32:
                 self._check_precision(model, steps)
-            weights = (model, steps if model == "student" else 0)  # one teacher for all steps
-            if weights not in self._weights:
-                self._weights[weights] = self._denoiser(model, steps, self.dtype)
-            self._samplers[(model, steps)] = make_sampler(self._weights[weights], self.dtype, steps)
+            self._samplers[(model, steps)] = make_sampler(self._weights_for(model, steps),
+                                                          self.dtype, steps)
         return self._samplers[(model, steps)]
 
     def _check_precision(self, model: str, steps: int) -> None:
@@ -191,19 +203,46 @@ class CudaGraphEngine(Engine):
         return self._graphs[(model, steps, bucket)]
 
     # -- running ------------------------------------------------------------------------
+    def chunkable(self, model: str) -> bool:
+        return model == "teacher"
+
+    def _run_chunk(self, model, steps, z, labels, start, stop):
+        """The teacher, eagerly, a slice of its steps (the scheduler interleaves students)."""
+        with torch.cuda.device(self.device):
+            den = self._weights_for(model, steps)
+            out = ddim_steps(reduced(den, self.dtype), z.to(self.device),
+                             labels.to(self.device), steps, den.schedule, start, stop)
+            return out.float().cpu()
+
     def _run(self, model, steps, noise, labels):
         with torch.cuda.device(self.device):
             g = self._graphs.get((model, steps, noise.shape[0]))
-            if g is None:  # not warmed up: capture just this graph now (under the run lock)
-                g = self._capture(model, steps, noise.shape[0])
+            if g is None:  # teacher, or a key not captured at warm-up: eager, never captured
+                out = self._sampler(model, steps)(noise.to(self.device), labels.to(self.device))
+                return out.float().cpu()
             g.noise.copy_(noise)
             g.labels.copy_(labels)
             g.graph.replay()
             # Copy out before the next replay overwrites the static output; .cpu() syncs.
             return g.out.float().cpu()
 
+    def capture_students(self, keys: list[tuple[str, int]]) -> None:
+        """Capture every student key x bucket (largest bucket first: one pool). The only place
+        graphs are captured, so their number is bounded by students x buckets. A failed
+        capture sets `failure` (the server's liveness and readiness turn off) and raises."""
+        try:
+            for bucket in reversed(self.buckets):
+                for model, steps in keys:
+                    if model == "student" and (model, steps, bucket) not in self._graphs:
+                        self._capture(model, steps, bucket)
+        except EngineError:
+            raise  # a refused configuration (e.g. --dtype precision), not a broken device
+        except Exception as exc:
+            self.failure = f"CUDA graph capture failed: {type(exc).__name__}: {exc}"
+            raise EngineError(self.failure) from exc
+
     def warmup(self, keys: list[tuple[str, int]] | None = None) -> dict:
-        """Capture every (model, steps) x bucket up front, largest bucket first (one pool)."""
+        """Capture every student (model, steps) x bucket up front; the teacher runs eagerly."""
         keys = list(keys) if keys is not None else self.default_keys()
         for model, steps in keys:
             self.bundle.check_steps(model, steps)
@@ -211,10 +250,7 @@ class CudaGraphEngine(Engine):
         with self.lock, torch.cuda.device(self.device):
             torch.cuda.synchronize()
             allocated0, reserved0 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-            for bucket in reversed(self.buckets):
-                for model, steps in keys:
-                    if (model, steps, bucket) not in self._graphs:
-                        self._capture(model, steps, bucket)
+            self.capture_students(keys)
             torch.cuda.synchronize()
             allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         self.time_lone_batches(keys)  # replays; outside the lock, which run() takes itself

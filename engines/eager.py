@@ -6,6 +6,7 @@ import torch
 
 from halfstep.distill.bundle import Bundle
 from halfstep.distill.sample import reference_images
+from halfstep.distill.sampling import ddim_steps
 
 from .base import Engine, EngineError
 
@@ -39,3 +40,12 @@ class TorchEngine(Engine):
 
     def _run(self, model, steps, noise, labels):
         return reference_images(self.bundle, model, steps, noise, labels, self.device)
+
+    def chunkable(self, model: str) -> bool:
+        return True
+
+    def _run_chunk(self, model, steps, z, labels, start, stop):
+        den = self.bundle.denoiser(model, steps if model == "student" else None).to(self.device)
+        out = ddim_steps(den, z.to(self.device), labels.to(self.device), steps, den.schedule,
+                         start, stop)
+        return out.float().cpu()

@@ -31,5 +31,13 @@ class TeacherFallback(Engine):
         engine = self.teacher if model == "teacher" else self.students
         return engine.run(model, steps, noise, labels)
 
+    def chunkable(self, model: str) -> bool:
+        engine = self.teacher if model == "teacher" else self.students
+        return engine.chunkable(model)
+
+    def run_chunk(self, model, steps, z, labels, start, stop):
+        engine = self.teacher if model == "teacher" else self.students
+        return engine.run_chunk(model, steps, z, labels, start, stop)
+
     def _run(self, model, steps, noise, labels):  # run() never pads or locks here
         raise NotImplementedError

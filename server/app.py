@@ -1,5 +1,9 @@
 """Builds the ASGI app: loads the bundle and engine, then wires the lifespan (batcher and
-warm-up), the body-size limit, the error handlers and the routes together."""
+warm-up), the middleware, the error handlers and the routes together.
+
+Middleware, outermost first: request id, access log and catch-all 500 (`access_log.py`);
+bearer token, before any body is read (`auth.py`); body-size limit (`middleware.py`).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,22 @@ from importlib.resources import files
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from halfstep.distill.bundle import Bundle
 from halfstep.engines.base import Engine
 
+from .access_log import RequestContext
+from .auth import BearerAuth, auth_metrics_enabled
 from .embedded import load_bundle
 from .errors import REFUSALS, http_error, invalid_parameters, refused
 from .lifespan import lifespan
-from .middleware import BodyLimit
+from .middleware import BodyLimit, infer_body_bytes
+from .oip import router as oip_router
+from .openapi_errors import declare_errors
+from .request import MAX_N
 from .routes import generate_router, router
 from .settings import Settings, batch_buckets
 from .state import ServerState
@@ -45,24 +54,45 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
                   description="Few-step diffusion sampling within a per-request step budget.")
     add_offline_docs(app)
     app.state.halfstep = ServerState(settings, bundle, engine)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # each add_middleware wraps the ones before it: RequestContext ends up outermost
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       infer_max_bytes=infer_body_bytes(MAX_N, bundle.image_shape))
+    app.add_middleware(BearerAuth, api_key=settings.api_key,
+                       auth_metrics=auth_metrics_enabled(settings))
+    app.add_middleware(RequestContext)
     for refusal in REFUSALS:
         app.add_exception_handler(refusal, refused)
     app.add_exception_handler(RequestValidationError, invalid_parameters)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.include_router(router)
-    app.include_router(generate_router(bundle.num_labels))
+    app.include_router(generate_router(app.state.halfstep))
+    app.include_router(oip_router)  # Open Inference Protocol v2 (KServe / Triton clients)
+    declare_errors(app)
     return app
 
 
 DOCS_ASSETS = "/docs-assets"
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+EMPTY_SVG = b"data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg'/%3E"
 
 
 def add_offline_docs(app: FastAPI) -> None:
     """/docs (Swagger UI) and /redoc with their scripts, styles and icon served by this server
     (from the `fastapi-offline` package of the `serve` extra), so they work without internet."""
-    app.mount(DOCS_ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")),
-              name="docs-assets")
+    assets = files("fastapi_offline") / "static"
+    redoc_js: list[bytes] = []  # read on first use
+
+    @app.get(f"{DOCS_ASSETS}/redoc.standalone.js", include_in_schema=False)
+    async def redoc_script() -> Response:
+        """ReDoc's script with its one hard-wired image from the internet (the sidebar logo)
+        replaced by an empty inline one: the page then loads nothing from elsewhere."""
+        if not redoc_js:
+            text = (assets / "redoc.standalone.js").read_bytes()
+            redoc_js.append(text.replace(REDOC_LOGO, EMPTY_SVG))
+        return Response(redoc_js[0], media_type="text/javascript")
+
+    # after the route above, so that it, not the mount, answers for the patched script
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
     title, icon = f"{app.title} - API", f"{DOCS_ASSETS}/favicon.png"
 
     @app.get("/docs", include_in_schema=False)

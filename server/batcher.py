@@ -22,68 +22,60 @@
 - A request still queued at its deadline is dropped (DeadlineExceeded) without waiting for the
   engine; a cancelled one is dropped before its batch; a failing batch fails only its requests.
   Refusals are raised, not counted here: the HTTP layer answers and counts each one.
+- The teacher runs in chunks of `chunk_steps` steps where the engine can (`TeacherRun`,
+  `scheduler_run.py`); after a chunk, queued lanes go before the next chunk, and a teacher
+  request past its deadline (or whose client left) stops at the next chunk boundary.
+- A stalled batch (watchdog), or the batch loop ending for any reason, marks the scheduler
+  failed (`failure`): its requests get 503, /healthz answers 503 and the pod restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
+from .engine_thread import EngineThread
+from .estimates import DUE_SLACK, Estimates  # noqa: F401  (DUE_SLACK re-exported)
+from .health import Health
 from .lanes import Job, Lane
 from .metrics import Metrics
-from .scheduler_run import execute
+from .outcomes import (  # noqa: F401  (re-exported: the scheduler's outcomes)
+    BatchFailed,
+    DeadlineExceeded,
+    Draining,
+    NotReady,
+    Overloaded,
+    QueueFull,
+    Result,
+    Unhealthy,
+)
+from .scheduler_run import TeacherRun, execute, execute_chunk
 
-DUE_SLACK = 4.0  # a job without its own deadline is due after 4 of its lane's batch times
-
-
-class QueueFull(Exception):
-    """The queue holds max_queue requests already."""
-
-
-class Overloaded(QueueFull):
-    """Queued engine work is over max_backlog_s, or the request's deadline cannot be met."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = max(1, math.ceil(retry_after_s))
-
-
-class DeadlineExceeded(Exception):
-    """The request waited in the queue past its deadline and was not run."""
+CHUNK_STEPS = 8  # teacher steps per turn of the engine
+WATCHDOG_FACTOR = 10.0  # a batch over this many times its predicted time has stalled
+WATCHDOG_MIN_S = 5.0  # ... and over at least this long
 
 
-class Draining(Exception):
-    """The server is shutting down and accepts no new work."""
-
-
-class BatchFailed(Exception):
-    """The engine raised, or returned the wrong number of images, for this request's batch."""
-
-
-@dataclass
-class Result:
-    images: torch.Tensor  # [n, C, H, W] float32 in [-1, 1]
-    queue_s: float
-    run_s: float
-    batch_images: int  # images in the executed batch, this request's included
-    predicted_s: float = 0.0  # predicted completion at admission (queue + run)
-
-
-class Batcher:
+class Batcher(Estimates, Health):
     def __init__(self, engine, max_batch: int, max_wait_s: float, max_queue: int,
-                 metrics: Metrics, wait_fraction: float = 0.1) -> None:
+                 metrics: Metrics, wait_fraction: float = 0.1, *,
+                 chunk_steps: int = CHUNK_STEPS, watchdog_factor: float = WATCHDOG_FACTOR,
+                 watchdog_min_s: float = WATCHDOG_MIN_S, timeout_s: float = 30.0) -> None:
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
         self.max_wait_s, self.wait_fraction, self.metrics = max_wait_s, wait_fraction, metrics
         self.lanes: dict[tuple[str, int], Lane] = {}
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="halfstep-engine")
+        self._engine = EngineThread()
+        self.chunk_steps, self.watchdog_factor = chunk_steps, watchdog_factor
+        self.watchdog_min_s, self.timeout_s = watchdog_min_s, timeout_s
+        self.runs: list[TeacherRun] = []  # teacher batches in progress (chunked)
+        self.running: list[Job] = []  # the jobs of the whole batch in the engine now
+        self.failure: str | None = None  # set when the scheduler can no longer serve
+        self._last_chunk = False
         self._free_at, self._running_until = 0.0, 0.0  # last engine-free; running batch's end
         self._expected: dict[tuple[str, int], int] = {}  # rows each lane expects (window)
         self._busy_s, self._busy_since = 0.0, time.monotonic()
@@ -91,28 +83,34 @@ class Batcher:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="halfstep-batcher")
+        self._task.add_done_callback(self._loop_ended)
 
     async def call_in_engine_thread(self, fn, *args):
         """Run fn in the engine thread (warm-up shares the thread so it never races a batch)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.wrap_future(self._engine.submit(fn, *args))
+
+    def begin_drain(self) -> None:
+        """Refuse new work from now on (Draining); accepted work still runs."""
+        self._closing = True
+        self._wakeup.set()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running or part-run."""
+        return not self.depth and not self.runs and self._running_until == 0.0
 
     async def close(self, drain_s: float) -> int:
         """Stop accepting, finish queued and running batches for up to drain_s; returns how
         many queued requests had to be failed because the drain ran out of time."""
-        self._closing = True
-        self._wakeup.set()
+        self.begin_drain()
         failed = 0
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), drain_s)
+                await asyncio.wait_for(asyncio.shield(self._task), max(drain_s, 0.0))
             except asyncio.TimeoutError:
+                failed = self.fail_all(Draining("server shut down before this request was done"))
                 self._task.cancel()
-                for lane in self.lanes.values():
-                    while lane.queue:
-                        self._fail(lane.queue.popleft(),
-                                   Draining("server shut down before this request ran"))
-                        failed += 1
-        self._executor.shutdown(wait=False)
+        self._engine.shutdown()
         self._gauges()
         return failed
 
@@ -128,59 +126,14 @@ class Batcher:
     def closing(self) -> bool:
         return self._closing
 
-    # -- estimates ------------------------------------------------------------------------
-    def lane(self, key: tuple[str, int]) -> Lane:
-        return self.lanes[key] if key in self.lanes else self.lanes.setdefault(key, Lane(key))
-
-    def seed_run_times(self, run_s: dict[tuple[str, int], float]) -> None:
-        """Start lanes' estimates from the engine's warm-up timings (Engine.warm_run_s)."""
-        for key, seconds in run_s.items():
-            self.lane(key).seed(float(seconds))
-
-    def _default_image_step_s(self) -> float:
-        """For a lane never measured: the slowest known cost per image-step (cautious)."""
-        known = [lane.image_step_s for lane in self.lanes.values() if lane.image_step_s]
-        return max(known, default=0.0)
-
-    def cost_s(self, key: tuple[str, int], n: int) -> float:
-        """Predicted engine seconds of n images of `key`."""
-        return self.lane(key).cost_s(n, self._default_image_step_s())
-
-    def wait_limit(self, key: tuple[str, int]) -> float:
-        """How long a batch of `key` may wait for company (after engine-free or arrival)."""
-        if self.wait_fraction == 0:
-            return 0.0
-        recent = self.lane(key).batch_s
-        if recent is None:  # neither warmed up nor run yet: the configured bound alone
-            return self.max_wait_s
-        return min(self.max_wait_s, self.wait_fraction * recent)
-
-    def backlog_s(self, due: float | None = None) -> float:
-        """Engine seconds ahead: what is left of the running batch plus queued work (only the
-        work due no later than `due`, when given: it runs first)."""
-        now = time.monotonic()
-        queued = sum(job.cost_s for lane in self.lanes.values() for job in lane.queue
-                     if due is None or job.due <= due)
-        return max(0.0, self._running_until - now) + queued
-
-    def predict_s(self, key: tuple[str, int], n: int, deadline_s: float | None = None) -> float:
-        """Seconds until a request of n images of `key`, submitted now, would be done."""
-        due = time.monotonic() + self._relative_due(key, n, deadline_s)
-        return self.backlog_s(due) + self.cost_s(key, n)
-
-    def _relative_due(self, key: tuple[str, int], n: int, deadline_s: float | None,
-                      timeout_s: float = math.inf) -> float:
-        if deadline_s is not None:
-            return deadline_s
-        estimate = self.lane(key).batch_s or self.cost_s(key, n)
-        return min(DUE_SLACK * estimate, timeout_s / 2)
-
     # -- requests -------------------------------------------------------------------------
     async def submit(self, key: tuple[str, int], noise: torch.Tensor, labels: torch.Tensor,
                      timeout_s: float, *, deadline_s: float | None = None,
                      max_backlog_s: float = 0.0) -> Result:
         """Queue one request and wait for its images. deadline_s: it must be done by then
         (refused at once if predicted not to be); max_backlog_s > 0 bounds queued work."""
+        if self.failure is not None:
+            raise Unhealthy(f"{self.failure}; this server is restarting, retry elsewhere")
         if self._closing:
             raise Draining("server is shutting down; retry on another replica")
         if self.full:
@@ -200,7 +153,7 @@ class Batcher:
                              f"deadline {deadline_s * 1e3:.0f} ms", predicted - deadline_s)
         limit = timeout_s if deadline_s is None else min(timeout_s, deadline_s)
         job = Job(key, noise, labels, now, now + limit, due, cost,
-                  asyncio.get_running_loop().create_future())
+                  asyncio.get_running_loop().create_future(), chunked=self._chunked(key))
         self.lane(key).queue.append(job)
         self._gauges()
         self._wakeup.set()
@@ -213,7 +166,11 @@ class Batcher:
                 raise DeadlineExceeded(
                     f"request waited {limit:g} s in the queue (the deadline) and was not run"
                 ) from None
-            result = await job.future  # already running: the deadline bounds queueing only
+            if job.chunked and job.state == "running":  # stops at its next chunk boundary
+                job.state = "abandoned"
+                raise DeadlineExceeded(f"request ran past its deadline ({limit:g} s); its "
+                                       f"teacher run was stopped") from None
+            result = await job.future  # a whole (student) batch: short, the watchdog bounds it
         except asyncio.CancelledError:
             if job.state == "queued":
                 self._drop(job)
@@ -243,14 +200,40 @@ class Batcher:
             m.lane_backlog.labels(lane.label).set(lane.backlog_s)
 
     # -- the batch loop -------------------------------------------------------------------
-    def _next_lane(self) -> Lane | None:
-        """Earliest deadline first: the lane holding the queued job with the soonest due."""
-        busy = [lane for lane in self.lanes.values() if lane.queue]
-        return min(busy, key=lambda lane: min(j.due for j in lane.queue), default=None)
+    def _chunked(self, key: tuple[str, int]) -> bool:
+        """A teacher of more than chunk_steps steps, on an engine that can: run in chunks."""
+        chunkable = getattr(self.engine, "chunkable", None)
+        return key[0] == "teacher" and 0 < self.chunk_steps < key[1] and bool(
+            chunkable and chunkable("teacher"))
+
+    def _next_lane(self) -> Lane | TeacherRun | None:
+        """Earliest deadline first: the lane holding the queued job with the soonest due, or a
+        teacher run in progress (right after one of its chunks, queued lanes go first)."""
+        busy = [(min(j.due for j in lane.queue), lane) for lane in self.lanes.values()
+                if lane.queue]
+        if not (self._last_chunk and busy):
+            busy += [(run.due, run) for run in self.runs]
+        return min(busy, key=lambda pair: pair[0], default=(0.0, None))[1]
 
     async def _loop(self) -> None:
-        while True:
+        try:
+            await self._batches()
+        except asyncio.CancelledError:
+            if not self._closing:
+                self.fail_scheduler("the batch loop was cancelled")
+            raise
+        except BaseException as exc:  # noted before the done-callback sees it
+            self.fail_scheduler(f"the batch loop crashed: {type(exc).__name__}: {exc}")
+            raise
+
+    async def _batches(self) -> None:
+        while self.failure is None:
             lane = self._next_lane()
+            if isinstance(lane, TeacherRun):
+                self._last_chunk = True
+                await execute_chunk(self, lane)
+                self._free_at = time.monotonic()
+                continue
             if lane is None:
                 if self._closing:
                     return
@@ -265,7 +248,7 @@ class Batcher:
                 lane.batch_s or 0.0))  # before any client came back: the whole cap
             end = min(newest + gap, first + cap) if newest > self._free_at else first + cap
             wait = end - time.monotonic()
-            if rows < expected and wait > 0 and not self._closing:
+            if rows < expected and wait > 0 and not self._closing and not self.runs:
                 self._wakeup.clear()  # woken early by a new request, a drop, or close()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
@@ -277,7 +260,15 @@ class Batcher:
                 lane.queue.remove(job)
                 job.state = "running"
             self._gauges()
-            await execute(self, lane, batch, images)
+            self._last_chunk = False
+            if self._chunked(lane.key):  # its first chunk runs at once (it is due first)
+                run = TeacherRun(lane, batch, torch.cat([j.noise for j in batch]),
+                                 torch.cat([j.labels for j in batch]))
+                self.runs.append(run)
+                self._last_chunk = True
+                await execute_chunk(self, run)
+            else:
+                await execute(self, lane, batch, images)
             self._free_at = time.monotonic()
             # closed-loop clients of this batch come back: expect them with what is queued
             self._expected = {k: other.rows + (images if other is lane else 0)

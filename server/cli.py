@@ -15,6 +15,17 @@ import threading
 
 from halfstep.engines.names import BACKENDS
 
+from .settings import parse_bool
+
+
+def bool_arg(raw: str) -> bool:
+    """argparse type for a boolean option: parse_bool, its error shown as is."""
+    try:
+        return parse_bool(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 OPTIONS = (  # flag, type, help; each also reads HALFSTEP_<NAME> (flag > env > default)
     ("--bundle", str, "bundle directory (default: the embedded model)"),
     ("--host", str, "address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every "
@@ -31,7 +42,18 @@ OPTIONS = (  # flag, type, help; each also reads HALFSTEP_<NAME> (flag > env > d
     ("--drain-s", float, "on SIGTERM, finish accepted work for at most this long (default 30)"),
     ("--max-backlog-s", float, "bound on queued work in seconds of engine time; 0 = unbounded "
                                "(default 0)"),
+    ("--max-teacher-steps", int, "most steps a model=teacher request may ask for (default: the "
+                                 "bundle's teacher default steps)"),
+    ("--teacher", str, "on | off: off refuses model=teacher with 422 (default on)"),
+    ("--max-request-s", float, "most predicted engine seconds one request may cost (n x steps "
+                               "x seconds per image-step); over it: 422 (default 60)"),
+    ("--watchdog-factor", float, "a batch running over this many times its predicted time (and "
+                                 "at least 5 s) fails with 503 and turns /healthz to 503 "
+                                 "(default 10)"),
+    ("--auth-metrics", bool_arg, "true | false: /metrics needs the bearer token too, when "
+                                 "HALFSTEP_API_KEY is set (default false)"),
 )
+CHOICES = {"--backend": BACKENDS, "--teacher": ("on", "off")}
 
 
 def register(subparsers) -> None:
@@ -39,12 +61,12 @@ def register(subparsers) -> None:
         "serve", help="serve a bundle over HTTP",
         description="Serve a bundle over HTTP. Every option also reads the environment variable "
                     "HALFSTEP_<NAME> (e.g. HALFSTEP_MAX_BATCH); HALFSTEP_API_KEY, read from the "
-                    "environment only, makes /generate and /v1/models require a bearer token.",
+                    "environment only, makes /generate, /v1/* and /v2/* require a bearer token.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for flag, kind, text in OPTIONS:
         env = "HALFSTEP_" + flag[2:].replace("-", "_").upper()
-        choices = BACKENDS if flag == "--backend" else None
+        choices = CHOICES.get(flag)
         p.add_argument(flag, type=kind, default=None, choices=choices, help=f"{text} [{env}]")
     p.set_defaults(func=cmd_serve)
 
@@ -111,13 +133,16 @@ def exposure_warning(address: str, api_key: str | None) -> str | None:
 
 
 def log_config() -> dict:
-    """uvicorn's logging, with the halfstep loggers (warm-up, drain, stop) on its handler."""
+    """uvicorn's logging, with the halfstep loggers (warm-up, drain, stop) on its handler and
+    the request id (or "-") on every line."""
     from uvicorn.config import LOGGING_CONFIG
+
+    from .access_log import with_request_id
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["halfstep"] = {"handlers": ["default"], "level": "INFO",
                                      "propagate": False}
-    return config
+    return with_request_id(config)
 
 
 def serve(settings, engine=None) -> int:
@@ -134,13 +159,17 @@ def serve(settings, engine=None) -> int:
     except BaseException:
         sock.close()
         raise
+    from .admission import teacher_limit
+
     state = app.state.halfstep
     b = state.bundle
     where, url = bound_url(sock)
+    teacher = ("teacher off" if settings.teacher == "off"
+               else f"teacher up to {teacher_limit(state)} steps")
     print(
         f"halfstep: serving bundle {b.name} ({b.root}): students "
-        f"{', '.join(map(str, b.student_steps)) or 'none'}, teacher up to {b.teacher_max_steps} "
-        f"steps; backend {state.engine.name}, buckets {state.engine.used_buckets()}; "
+        f"{', '.join(map(str, b.student_steps)) or 'none'}, {teacher}; "
+        f"backend {state.engine.name}, buckets {state.engine.used_buckets()}; "
         f"auth {'on' if settings.api_key else 'off'}; at {url} (bound to {where}; "
         f"playground /, docs /docs)",
         flush=True,
@@ -154,26 +183,54 @@ def serve(settings, engine=None) -> int:
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         app, host=host, port=port, workers=1, log_level="info", log_config=log_config(),
-        timeout_graceful_shutdown=settings.drain_s or None, access_log=False,
+        timeout_graceful_shutdown=settings.drain_s, access_log=False,
     )
     with quiet_signals():
-        draining_server(config).run(sockets=[sock])
+        draining_server(config, state).run(sockets=[sock])
     sock.close()
     return 0
 
 
-def draining_server(config):
-    """uvicorn's server, saying on the first SIGINT/SIGTERM how many requests it finishes."""
+DRAIN_GRACE_S = 0.5  # after the engine's work: for responses still being encoded and sent
+
+
+def draining_server(config, state=None):
+    """uvicorn's server, draining on the first SIGINT/SIGTERM: at once not ready, and new work
+    (still accepted on the open port) answered 503 Draining with Retry-After; once the accepted
+    work is done, or drain_s is over, uvicorn's own shutdown runs (it waits for responses in
+    flight, then the lifespan fails what is still queued). A second signal stops at once."""
     import uvicorn
 
+    from .outcomes import Draining
+
     class Server(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig: int, frame) -> None:
-            if not self.should_exit:
-                logging.getLogger("halfstep.server").info(
-                    "shutting down: finishing %d requests in flight (at most %g s; "
-                    "Ctrl-C again stops at once)",
-                    len(self.server_state.tasks), self.config.timeout_graceful_shutdown or 0)
-            super().handle_exit(sig, frame)
+            if state is None or self.draining or self.should_exit:
+                super().handle_exit(sig, frame)
+                if self.draining:
+                    self.force_exit = True
+                return
+            self.draining = True
+            state.begin_drain()
+            logging.getLogger("halfstep.server").info(
+                "shutting down: finishing %d requests in flight (at most %g s; "
+                "Ctrl-C again stops at once)", len(self.server_state.tasks), state.drain_left_s())
+
+        quiet_ticks = 0
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.draining and not self.should_exit:
+                left, b = state.drain_left_s(), state.batcher
+                done = b is None or (b.idle and not self.server_state.tasks)
+                self.quiet_ticks = self.quiet_ticks + 1 if done else 0
+                if left <= 0 and b is not None:  # out of time: answer the rest 503 now
+                    b.fail_all(Draining("server shut down before this request was done"))
+                if left <= 0 or self.quiet_ticks >= 2:  # idle for a tick: no reply in flight
+                    self.config.timeout_graceful_shutdown = left + DRAIN_GRACE_S
+                    self.should_exit = True
+            return await super().on_tick(counter)
 
     return Server(config)
 

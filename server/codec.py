@@ -5,9 +5,9 @@ It takes plain images and timings, so encoding does not depend on how the images
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from fastapi.responses import JSONResponse, Response
@@ -17,9 +17,8 @@ from halfstep.distill.sample import request_seeds
 
 from .request import GenerateJob
 
-# Image values (n x C x H x W) above which encoding runs in a worker thread, so a big encode
-# does not hold up the event loop.
-THREAD_ENCODE_VALUES = 16_384
+if TYPE_CHECKING:
+    from halfstep.engines.base import Engine
 
 
 def _encode(job: GenerateJob, images: torch.Tensor) -> bytes | list[bytes]:
@@ -35,10 +34,7 @@ async def encode_response(job: GenerateJob, images: torch.Tensor, *, backend: st
     saying the steps, seed, model and backend used and the time spent queued, running and
     encoding (`started` is the request's arrival, a `time.perf_counter()` reading)."""
     t0 = time.perf_counter()
-    if job.n * images[0].numel() > THREAD_ENCODE_VALUES:
-        encoded = await asyncio.to_thread(_encode, job, images)
-    else:
-        encoded = _encode(job, images)
+    encoded = _encode(job, images)  # the caller runs this off the server's loop
     encode_s = time.perf_counter() - t0
     headers = {
         "X-Halfstep-Steps": str(job.steps), "X-Halfstep-Seed": str(job.seed),
@@ -60,3 +56,11 @@ async def encode_response(job: GenerateJob, images: torch.Tensor, *, backend: st
                     "encode_s": round(encode_s, 6),
                     "total_s": round(time.perf_counter() - started, 6)},
     }, headers=headers)
+
+
+def backend_for(engine: Engine, model: str) -> str:
+    """The backend that runs `model` on `engine`: a TeacherFallback (ONNX Runtime, TensorRT)
+    runs its students compiled but the teacher on its eager `teacher` engine."""
+    teacher = getattr(engine, "teacher", None)
+    return teacher.name if model == "teacher" and teacher is not None else engine.name
+

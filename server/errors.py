@@ -8,6 +8,7 @@ a 422 also says what each parameter may be ("allowed").
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -15,7 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import BatchFailed, DeadlineExceeded, Draining, QueueFull
+from .access_log import current_request_id
+from .admission import teacher_limit
+from .batcher import BatchFailed, DeadlineExceeded, Draining, Overloaded, QueueFull
+from .outcomes import NotReady, Unhealthy
 from .request import InvalidRequest, allowed, unknown_field
 
 
@@ -28,13 +32,14 @@ class ClientGone(Exception):
 
 
 RETRY_SOON = {"Retry-After": "1"}
+log = logging.getLogger("halfstep.server")
 
 
 @dataclass(frozen=True)
 class Rejection:
     status: int
     reason: str  # label of halfstep_rejected_total (every one is listed in REJECT_REASONS)
-    message: str = "{exc}"  # formatted with the exception
+    message: str = "{exc}"  # formatted with the exception and the request_id
     headers: dict[str, str] = field(default_factory=dict)
     with_allowed: bool = False  # add what each parameter may be
 
@@ -46,9 +51,15 @@ REJECTIONS: dict[type[Exception], Rejection] = {
         {"WWW-Authenticate": "Bearer"}),
     InvalidRequest: Rejection(422, "invalid", with_allowed=True),
     QueueFull: Rejection(503, "queue_full", "{exc}; retry shortly", RETRY_SOON),
+    # Retry-After: the computed seconds over the bound (the exception's own headers)
+    Overloaded: Rejection(503, "overloaded", "{exc}; retry later or lower n or steps"),
+    # NotReady and Unhealthy are kinds of Draining: the most specific type found wins
+    NotReady: Rejection(503, "not_ready", headers=RETRY_SOON),
+    Unhealthy: Rejection(503, "unhealthy", headers=RETRY_SOON),
     Draining: Rejection(503, "draining", headers=RETRY_SOON),
     DeadlineExceeded: Rejection(504, "deadline"),
-    BatchFailed: Rejection(500, "error", "the batch holding this request failed: {exc}"),
+    # the engine's text (paths, memory figures) is logged with the request id, never sent
+    BatchFailed: Rejection(500, "error", "internal error (request id {request_id})"),
     ClientGone: Rejection(499, "cancelled", "client closed the connection before its batch ran"),
 }
 REFUSALS = tuple(REJECTIONS)  # for `except REFUSALS`
@@ -59,10 +70,14 @@ def reject(request: Request, exc: Exception) -> JSONResponse:
     rule = next(REJECTIONS[t] for t in type(exc).__mro__ if t in REJECTIONS)
     state = request.app.state.halfstep
     state.metrics.rejected.labels(rule.reason).inc()
-    body = {"error": rule.message.format(exc=exc)}
+    if rule.status == 500:  # a server fault: its cause goes to the log only
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+    body = {"error": rule.message.format(exc=exc, request_id=current_request_id())}
     if rule.with_allowed:
-        body["allowed"] = allowed(state.bundle)
-    return JSONResponse(body, rule.status, rule.headers)
+        body["allowed"] = allowed(state.bundle, teacher_limit(state),
+                                  state.settings.teacher == "off")
+    headers = {**rule.headers, **getattr(exc, "headers", {})}  # e.g. a computed Retry-After
+    return JSONResponse(body, rule.status, headers)
 
 
 async def invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -38,8 +38,9 @@ class Job:
     due: float  # earliest-deadline-first order across lanes (Lane.due_for)
     cost_s: float  # predicted engine seconds of this request (admission, backlog)
     future: asyncio.Future
-    state: str = "queued"  # queued -> running -> done, or queued -> dropped
+    state: str = "queued"  # queued -> running -> done, or queued -> dropped; or abandoned
     started: float = field(default=0.0)
+    chunked: bool = False  # a teacher job run in chunks of steps (TeacherRun)
 
     @property
     def n(self) -> int:
@@ -81,9 +82,12 @@ class Lane:
         if self.batch_s is None:
             self.batch_s = lone_batch_s
 
-    def observe(self, rows: int, run_s: float) -> None:
-        """Fold one executed batch of `rows` images into the moving averages."""
-        per = run_s / max(rows * self.steps, 1)
+    def observe(self, rows: int, run_s: float, steps: int | None = None) -> None:
+        """Fold one executed batch of `rows` images into the moving averages (`steps`: of a
+        teacher chunk, the steps it ran; batch_s then stays the whole batch's estimate)."""
+        per = run_s / max(rows * (steps or self.steps), 1)
+        if steps is not None and steps != self.steps:
+            run_s = per * rows * self.steps
         self.image_step_s = per if self.image_step_s is None else \
             EMA_KEEP * self.image_step_s + (1 - EMA_KEEP) * per
         self.batch_s = run_s if self.batch_s is None else \

@@ -1,7 +1,9 @@
 """Start-up and shutdown: start the batcher, warm the engine up, and drain on the way out.
 
-/healthz answers from the start; /readyz only once warm-up is done. On shutdown the server
-stops being ready, then finishes queued and running batches for at most `drain_s`.
+/healthz answers from the start (503 once the engine or the scheduler failed); /readyz and
+/generate only once warm-up is done. On SIGTERM (`cli.py`) the server stops being ready at once
+and refuses new work (503 Draining); on shutdown it finishes queued and running batches for
+what is left of `drain_s` (0: no wait).
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.halfstep
     settings = state.settings
     state.batcher = Batcher(state.engine, state.max_batch, settings.max_wait_ms / 1000,
-                            settings.max_queue, state.metrics, settings.max_wait_fraction)
+                            settings.max_queue, state.metrics, settings.max_wait_fraction,
+                            watchdog_factor=settings.watchdog_factor,
+                            timeout_s=settings.timeout_s)
     state.batcher.start()
     warm = asyncio.create_task(warm_up(state))  # /healthz answers while this runs
     yield
     warm.cancel()
-    state.ready = False
-    state.metrics.ready.set(0)
-    started = time.monotonic()
-    log.info("draining %d requests (at most %g s)", state.batcher.depth, settings.drain_s)
-    failed = await state.batcher.close(settings.drain_s)
+    state.begin_drain()
+    started, left = time.monotonic(), state.drain_left_s()
+    log.info("draining %d requests (at most %g s)", state.batcher.depth, left)
+    failed = await state.batcher.close(left)
     if failed:
         log.warning("drain timed out: %d queued requests were failed", failed)
     log.info("stopped (drain took %.1f s)", time.monotonic() - started)
@@ -49,6 +52,6 @@ async def warm_up(state: ServerState) -> None:
         state.ready = True
         state.metrics.ready.set(1)
         log.info("warm-up done: %s", state.warmup)
-    except Exception as exc:  # readiness reports it; liveness stays up so logs can be read
+    except Exception as exc:  # readiness reports it; liveness too if the engine says it failed
         state.warmup = f"{type(exc).__name__}: {exc}"
         log.error("warm-up failed: %s", state.warmup)

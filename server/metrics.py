@@ -26,8 +26,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # Reasons a request ends without an image (the labels of halfstep_rejected_total); each is the
 # reason of one entry of errors.REJECTIONS.
-REJECT_REASONS = ("invalid", "unauthorized", "queue_full", "deadline", "cancelled", "draining",
-                  "error")
+REJECT_REASONS = ("invalid", "unauthorized", "queue_full", "overloaded", "deadline",
+                  "cancelled", "draining", "not_ready", "unhealthy", "error")
 
 
 class Metrics:

@@ -20,7 +20,7 @@ from halfstep.distill.sample import request_seeds
 from halfstep.distill.sampling import noise_for_seeds
 
 MAX_N = 64
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # JSON numbers stay exact in JavaScript up to here
 MAX_BUDGET = 1_000_000
 MAX_DEADLINE_MS = 600_000
 RANDOM_SEEDS = 2**32  # absent seed: drawn below this, so it survives JavaScript numbers
@@ -40,8 +40,20 @@ class InvalidRequest(ValueError):
     """A parameter that is wrong for this bundle: answered 422 with what is allowed."""
 
 
-def request_models(num_labels: int) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The parameters for a bundle with `num_labels` labels, as (query model, body model).
+def steps_doc(teacher_limit: int | None = None, teacher_off: bool = False) -> str:
+    """STEPS_DOC with this server's teacher limit (--max-teacher-steps), or saying the teacher
+    is turned off (--teacher off)."""
+    if teacher_off:
+        return f"{STEPS_DOC}; model=teacher is turned off on this server (--teacher off)"
+    if teacher_limit is None:
+        return STEPS_DOC
+    return f"{STEPS_DOC}; teacher at most {teacher_limit} steps here (--max-teacher-steps)"
+
+
+def request_models(num_labels: int, steps_description: str = STEPS_DOC
+                   ) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The parameters for a bundle with `num_labels` labels, as (query model, body model);
+    `steps_description` documents `steps` (see `steps_doc`).
 
     Every field is optional. Both models have the same fields and bounds, and both refuse an
     unknown field (`unknown_field` says which, and what is allowed).
@@ -49,7 +61,7 @@ def request_models(num_labels: int) -> tuple[type[BaseModel], type[BaseModel]]:
     query = create_model(
         "GenerateQuery",
         __config__=ConfigDict(extra="forbid"),
-        steps=(int | None, Field(None, ge=1, le=MAX_BUDGET, description=STEPS_DOC)),
+        steps=(int | None, Field(None, ge=1, le=MAX_BUDGET, description=steps_description)),
         model=(Literal["student", "teacher"] | None, Field(None, description="default student")),
         n=(int | None, Field(None, ge=1, le=MAX_N, description="images (default 1)")),
         seed=(int | None, Field(None, ge=0, le=MAX_SEED, description="image i uses seed+i")),
@@ -97,6 +109,7 @@ class GenerateJob:
     noise: torch.Tensor
     labels: torch.Tensor
     deadline_ms: int | None = None  # latency deadline; steps is then the ceiling
+    exact: bool = False  # student: exactly `steps`, never a smaller one (deadline_ms too)
 
 
 def prepare(p: dict[str, Any], bundle: Bundle) -> GenerateJob:
@@ -121,7 +134,7 @@ def prepare(p: dict[str, Any], bundle: Bundle) -> GenerateJob:
     noise = noise_for_seeds(request_seeds(seed, n), bundle.image_shape)
     labels = torch.full((n,), k if label is None else label, dtype=torch.int64)
     return GenerateJob(model, steps, requested, n, seed, label, fmt, noise, labels,
-                       deadline_ms=p.get("deadline_ms"))
+                       deadline_ms=p.get("deadline_ms"), exact=bool(p.get("exact")))
 
 
 def student_steps(bundle: Bundle, requested: int | None, exact: bool = False) -> int:
@@ -136,14 +149,18 @@ def student_steps(bundle: Bundle, requested: int | None, exact: bool = False) ->
     return bundle.student_for_budget(requested)
 
 
-def allowed(bundle: Bundle) -> dict[str, Any]:
-    """What each parameter may be for this bundle: sent with every 422."""
+def allowed(bundle: Bundle, teacher_limit: int | None = None,
+            teacher_off: bool = False) -> dict[str, Any]:
+    """What each parameter may be for this bundle on this server (its teacher limit, absent:
+    the bundle's teacher_max_steps; or the teacher turned off): sent with every 422."""
     b, k = bundle, bundle.num_labels
+    limit = b.teacher_max_steps if teacher_limit is None else teacher_limit
+    teacher = ("teacher: turned off on this server (--teacher off)" if teacher_off
+               else f"teacher: exact, 1..{limit}")
     return {
-        "model": ["student", "teacher"],
+        "model": ["student"] if teacher_off else ["student", "teacher"],
         "steps": f"student: a budget >= {b.student_steps[0] if b.student_steps else '-'} "
-                 f"(students: {', '.join(map(str, b.student_steps))}); "
-                 f"teacher: exact, 1..{b.teacher_max_steps}",
+                 f"(students: {', '.join(map(str, b.student_steps))}); {teacher}",
         "n": f"1..{MAX_N}", "seed": f"0..{MAX_SEED}",
         "label": f"0..{k - 1} or absent (unconditional)" if k else "absent (unconditional model)",
         "format": ["png", "json"],

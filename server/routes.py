@@ -11,22 +11,21 @@ writes PNG or JSON. A refusal on the way is answered and counted by `errors.reje
 
 import asyncio
 import dataclasses
-import hmac
 import threading
 import time
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
+from .admission import check_ready, check_request, teacher_limit
 from .batcher import Overloaded, Result
-from .codec import encode_response
-from .errors import REFUSALS, ClientGone, Unauthorized, reject
+from .codec import backend_for, encode_response
+from .errors import REFUSALS, ClientGone, reject
 from .lanes import lane_label
-from .request import GenerateJob, merge, prepare, request_models
+from .request import GenerateJob, merge, prepare, request_models, steps_doc
 from .state import ServerState
 
 STATIC = Path(__file__).parent / "static"
@@ -43,21 +42,14 @@ GENERATE_DOC = """Parameters come in the query or, equally, as a JSON body (not 
   `Server-Timing` (queue, run, encode, and predicted vs. actual queue + run, in ms).
 * `deadline_ms` with model=student: the largest student within the step budget whose
   predicted completion (work scheduled ahead + its own batch) meets the deadline runs.
-* Errors: 4xx with `{"error": ..., "allowed": ...}`; 503 + Retry-After when the queue is full,
-  the queued work is over the server's bound, or the deadline cannot be met; 504 when the
-  request waited past its deadline (it never ran); 500 if its batch failed.
+* Limits: model=teacher may be turned off, and its steps capped (422 saying the limit); a
+  request whose predicted engine time is over the server's per-request bound gets 422 saying
+  what to lower. With `exact=true`, deadline_ms never picks a smaller student.
+* Errors: 4xx with `{"error": ..., "allowed": ...}`; 503 + Retry-After while warming up or
+  draining, when the queue is full, the queued work is over the server's bound, or the
+  deadline cannot be met; 504 when the request was not done by its deadline (queued: it never
+  ran; a long teacher run stops at its next chunk of steps); 500 if its batch failed.
 """
-
-bearer = HTTPBearer(auto_error=False, description="set when HALFSTEP_API_KEY is configured")
-
-
-def authorize(request: Request,
-              creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-    """Raise Unauthorized unless the bearer token is HALFSTEP_API_KEY (when that is set)."""
-    key = request.app.state.halfstep.settings.api_key
-    if key and not (creds and hmac.compare_digest(creds.credentials.encode(), key.encode())):
-        raise Unauthorized
-
 
 router = APIRouter()
 
@@ -67,12 +59,16 @@ async def playground() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
-@router.get("/healthz", summary="Liveness: the process answers", response_model=None)
-async def healthz() -> dict:
+@router.get("/healthz", summary="Liveness: the process answers and its engine is healthy",
+            response_model=None)
+async def healthz(request: Request) -> dict | JSONResponse:
+    why = request.app.state.halfstep.unhealthy_reason()
+    if why:
+        return JSONResponse({"status": "unhealthy", "reason": why}, 503)
     return {"status": "alive"}
 
 
-@router.get("/readyz", summary="Readiness: warmed up and the queue is not full",
+@router.get("/readyz", summary="Readiness: warmed up, engine healthy, not draining",
             response_model=None)
 async def readyz(request: Request) -> dict | JSONResponse:
     state: ServerState = request.app.state.halfstep
@@ -88,20 +84,20 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
-@router.get("/v1/models", summary="What this server serves", dependencies=[Depends(authorize)],
-            response_model=None)
+@router.get("/v1/models", summary="What this server serves", response_model=None)
 async def models(request: Request) -> dict:
     return request.app.state.halfstep.models_info()
 
 
-def generate_router(num_labels: int) -> APIRouter:
-    """POST /generate, its parameters bounded for a bundle with `num_labels` labels."""
-    query_model, body_model = request_models(num_labels)
+def generate_router(state: ServerState) -> APIRouter:
+    """POST /generate, its parameters bounded for the state's bundle and its `steps` saying
+    this server's teacher limit."""
+    doc = steps_doc(teacher_limit(state), state.settings.teacher == "off")
+    query_model, body_model = request_models(state.bundle.num_labels, doc)
     generate_routes = APIRouter()
 
     @generate_routes.post(
         "/generate", summary="Generate images within a step budget", description=GENERATE_DOC,
-        dependencies=[Depends(authorize)],
         responses={200: {"content": {"image/png": {}, "application/json": {}}}})
     async def generate(
         request: Request,
@@ -121,25 +117,26 @@ async def answer_generate(request: Request, query: BaseModel,
     started = time.perf_counter()
     job, response = None, None
     try:
+        check_ready(state)
         # drawing n noise tensors and encoding PNGs are CPU work: off the event loop
         job = await asyncio.to_thread(prepare, merge(query, body), state.bundle)
+        check_request(state, job)
         deadline_s = _deadline_s(job)
         if deadline_s is not None and job.model == "student":
             job = dataclasses.replace(job, steps=choose_student(state, job, deadline_s))
-        result = await _submit_watching(request, state, job, deadline_s)
+        result = await submit_watching(request, state, job, deadline_s)
+        request.state.n, request.state.batch_size = job.n, result.batch_images
         response = await encode_off_loop(encode_response(
-            job, result.images, backend=state.engine.name, queue_s=result.queue_s,
-            run_s=result.run_s, started=started))
+            job, result.images, backend=backend_for(state.engine, job.model),
+            queue_s=result.queue_s, run_s=result.run_s, started=started))
         timing = (f"predicted;dur={result.predicted_s * 1e3:.2f}, "
                   f"actual;dur={(result.queue_s + result.run_s) * 1e3:.2f}")
         earlier = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = f"{earlier}, {timing}" if earlier else timing
     except REFUSALS as exc:
         response = reject(request, exc)
-        if isinstance(exc, Overloaded):
-            response.headers["Retry-After"] = str(exc.retry_after_s)
     finally:
-        _record(state, job, response.status_code if response else 500, started)
+        record_request(state, job, response.status_code if response else 500, started)
     return response
 
 
@@ -149,10 +146,13 @@ def _deadline_s(job: GenerateJob) -> float | None:
 
 
 def choose_student(state: ServerState, job: GenerateJob, deadline_s: float) -> int:
-    """The largest student within the job's step ceiling predicted to finish by deadline_s;
-    Overloaded (503 + Retry-After) when not even the fewest-step student is."""
+    """The largest student within the job's step ceiling predicted to finish by deadline_s
+    (with exact=true, only the job's own student); Overloaded (503 + Retry-After) when not
+    even the fewest-step student is."""
     batcher = state.batcher
     students = sorted((s for s in state.bundle.student_steps if s <= job.steps), reverse=True)
+    if job.exact:
+        students = [job.steps]
     predicted = 0.0
     for steps in students:
         predicted = batcher.predict_s(("student", steps), job.n, deadline_s)
@@ -187,7 +187,8 @@ async def encode_off_loop(coro):
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, _ENCODER.get()))
 
 
-def _record(state: ServerState, job: GenerateJob | None, status: int, started: float) -> None:
+def record_request(state: ServerState, job: GenerateJob | None, status: int,
+                   started: float) -> None:
     """Count a finished /generate request, its duration (once it had a job) and its images.
     The steps label is the lane (student steps, or "teacher"): never a raw client value."""
     state.metrics.requests.labels(str(status)).inc()
@@ -199,7 +200,7 @@ def _record(state: ServerState, job: GenerateJob | None, status: int, started: f
             state.metrics.images.labels(job.model).inc(job.n)
 
 
-async def _submit_watching(request: Request, state: ServerState, job: GenerateJob,
+async def submit_watching(request: Request, state: ServerState, job: GenerateJob,
                            deadline_s: float | None = None) -> Result:
     """Queue the job; if the client disconnects first, cancel it so it never runs."""
     submit = asyncio.ensure_future(state.batcher.submit(

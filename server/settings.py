@@ -12,6 +12,19 @@ from dataclasses import dataclass, fields
 from halfstep.engines.names import BACKENDS
 
 ENV_PREFIX = "HALFSTEP_"
+TEACHER_CHOICES = ("on", "off")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(raw: str) -> bool:
+    """A boolean option's text: 1/true/yes/on or 0/false/no/off (any case)."""
+    text = str(raw).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise ValueError(f"{raw!r} is not a boolean: use true/false, 1/0, yes/no or on/off")
+
 
 @dataclass
 class Settings:
@@ -27,6 +40,11 @@ class Settings:
     drain_s: float = 30.0
     max_body_bytes: int = 16 * 1024
     max_backlog_s: float = 0.0  # bound on queued work in seconds of engine time; 0 = unbounded
+    max_teacher_steps: int | None = None  # None: the bundle's teacher default_steps
+    teacher: str = "on"  # off: model=teacher is refused (422)
+    max_request_s: float = 60.0  # most predicted engine seconds one request may cost
+    watchdog_factor: float = 10.0  # a batch over k x its predicted time (and 5 s) has stalled
+    auth_metrics: bool = False  # /metrics needs the bearer token too (when api_key is set)
     api_key: str | None = None
 
     def __post_init__(self) -> None:
@@ -42,6 +60,11 @@ class Settings:
             ("drain_s", 0 <= self.drain_s <= 3600, "0..3600"),
             ("max_body_bytes", 64 <= self.max_body_bytes, ">= 64"),
             ("max_backlog_s", 0 <= self.max_backlog_s, ">= 0"),
+            ("max_teacher_steps", self.max_teacher_steps is None or self.max_teacher_steps >= 1,
+             ">= 1"),
+            ("teacher", self.teacher in TEACHER_CHOICES, " or ".join(TEACHER_CHOICES)),
+            ("max_request_s", 0 < self.max_request_s <= 86_400, "(0, 86400]"),
+            ("watchdog_factor", 1 <= self.watchdog_factor <= 1000, "1..1000"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -64,6 +87,12 @@ class Settings:
 
 def _parse(name: str, type_name, raw: str):
     kind = str(type_name)
+    if kind.startswith("bool"):
+        try:
+            return parse_bool(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean: use "
+                             "true/false, 1/0, yes/no or on/off") from None
     try:
         if kind.startswith("int"):
             return int(raw)

@@ -5,6 +5,8 @@ Stored on `app.state.halfstep`; the routes, the lifespan and the error handlers 
 
 from __future__ import annotations
 
+import time
+
 from halfstep.distill.bundle import Bundle
 from halfstep.engines.base import Engine
 
@@ -24,17 +26,48 @@ class ServerState:
         self.batcher: Batcher | None = None
         self.ready = False
         self.warmup: dict | str | None = None  # info dict when done, error text when it failed
+        self.drain_deadline: float | None = None  # monotonic end of the drain, once draining
+
+    def begin_drain(self) -> None:
+        """SIGTERM: not ready from now on; new work gets 503 Draining, accepted work runs."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.settings.drain_s
+        self.ready = False
+        self.metrics.ready.set(0)
+        if self.batcher is not None:
+            self.batcher.begin_drain()
+
+    def drain_left_s(self) -> float:
+        """Seconds left of the drain (all of drain_s before it began)."""
+        if self.drain_deadline is None:
+            return self.settings.drain_s
+        return max(0.0, self.drain_deadline - time.monotonic())
+
+    def unhealthy_reason(self) -> str | None:
+        """Why /healthz answers 503 (restart this process), or None while it can serve."""
+        engines = [self.engine, getattr(self.engine, "students", None),
+                   getattr(self.engine, "teacher", None)]
+        for engine in engines:
+            if getattr(engine, "failure", None):
+                return f"engine failed: {engine.failure}"
+        if self.batcher is not None and self.batcher.failure:
+            return self.batcher.failure
+        return None
 
     def not_ready_reason(self) -> str | None:
-        """Why /readyz answers 503 now, or None when ready."""
+        """Why /readyz answers 503 now, or None when ready: warming up, warm-up failed, the
+        engine unhealthy, or draining. A full queue is not a reason (it is shed with 503)."""
         b = self.batcher
+        unhealthy = self.unhealthy_reason()
+        if unhealthy:
+            return unhealthy
+        if self.drain_deadline is not None or (b is not None and b.closing):
+            return "draining"
         if self.warmup is None:
             return "warming up"
         if not self.ready:
-            return f"warm-up failed: {self.warmup}"
-        if b is None or b.closing:
-            return "draining"
-        return "queue full" if b.full else None
+            return "warm-up failed (see the server log)"  # the engine's text is logged there
+        return "not started" if b is None else None
 
     def models_info(self) -> dict:
         """What /v1/models answers: the bundle's shape and steps, and how it is served."""

@@ -2,6 +2,7 @@
 resumes after its last finished round at another world size."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,9 +15,17 @@ from halfstep.distill.sample import reference_images
 from halfstep.distill.sampling import noise_for_seeds
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (a fixed one collides with a run still in TIME_WAIT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(args, nproc):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_port", str(29600 + nproc + os.getpid() % 1000), "-m", "halfstep", *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "halfstep", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -222,7 +222,9 @@ def gpu_bundle(tiny_bundle_dir):
 
 @pytest.fixture(scope="module")
 def graph_engine(gpu_bundle):
-    return CudaGraphEngine(gpu_bundle, buckets=(1, 4, 16))
+    engine = CudaGraphEngine(gpu_bundle, buckets=(1, 4, 16))
+    engine.warmup()  # students are captured here only; the teacher runs eagerly
+    return engine
 
 
 @pytest.mark.gpu
@@ -234,7 +236,17 @@ def test_graph_equals_eager(gpu_bundle, graph_engine, model, steps):
         noise, labels = batch(gpu_bundle, list(range(10, 10 + n)))
         torch.testing.assert_close(graph_engine.run(model, steps, noise, labels),
                                    eager.run(model, steps, noise, labels), atol=1e-5, rtol=0)
-    assert (model, steps, 4) in graph_engine.captured
+    assert ((model, steps, 4) in graph_engine.captured) == (model == "student")
+
+
+@pytest.mark.gpu
+def test_graph_engine_teacher_chunks_equal_its_whole_run(gpu_bundle, graph_engine):
+    noise, labels = batch(gpu_bundle, [3, 4, 5])
+    z = noise
+    for start in range(0, 8, 3):
+        z = graph_engine.run_chunk("teacher", 8, z, labels, start, min(start + 3, 8))
+    assert torch.equal(z, graph_engine.run("teacher", 8, noise, labels))
+    assert not any(model == "teacher" for model, _, _ in graph_engine.captured)
 
 
 @pytest.mark.gpu

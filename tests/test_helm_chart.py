@@ -1,7 +1,8 @@
 """helm/halfstep rendered by Helm's own Go engine (helm-python-sdk), linted, and every built-in
 object validated against the Kubernetes OpenAPI schemas (kubernetes-validate). CRD objects
-(ServiceMonitor, ScaledObject) are not in those schemas: their structure is checked here against
-the required fields of their CRDs."""
+(ServiceMonitor, ScaledObject, InferenceService) are not in those schemas: their structure is
+checked here against the required fields of their CRDs, and the InferenceService predictor's pod
+fields against the Kubernetes PodSpec schema."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                               "image": {"repository": "registry.example.com/mnist", "tag": "7"}}},
     "api_key_value": {"server": {"apiKey": {"value": "s3cret"}}},
     "min_available": {"replicaCount": 3, "podDisruptionBudget": {"minAvailable": "50%"}},
+    "kserve": {"kserve": {"enabled": True, "maxReplicas": 3, "timeoutS": 60},
+               "server": {"apiKey": {"value": "s3cret"}}},
+    "kserve_serverless": {"kserve": {"enabled": True, "deploymentMode": "Serverless"},
+                          "model": {"source": "pvc", "pvc": {"claimName": "bundles"}}},
+    "grafana_dashboard": {"grafana": {"dashboard": {
+        "enabled": True, "annotations": {"grafana_folder": "halfstep"}}}},
 }
 
 # Required structure from the CRDs (keda.sh ScaledObject v1alpha1; monitoring.coreos.com
@@ -42,7 +49,31 @@ _DURATION = r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 _META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
 _TARGET = {"type": "object", "required": ["name"],
            "properties": {"name": {"type": "string"}, "kind": {"type": "string"}}}
+# serving.kserve.io/v1beta1 InferenceService: the predictor is a PodSpec inline plus the
+# component extension fields below (checked as a PodSpec separately, see predictor_pod).
+KSERVE_EXTENSION = {
+    "minReplicas": {"type": "integer", "minimum": 0},
+    "maxReplicas": {"type": "integer", "minimum": 0},
+    "timeout": {"type": "integer", "minimum": 1},
+    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+}
 CRD_SCHEMAS = {
+    ("serving.kserve.io/v1beta1", "InferenceService"): {
+        "type": "object", "required": ["metadata", "spec"], "properties": {
+            "metadata": {**_META, "properties": {
+                "name": {"type": "string", "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                         "maxLength": 63},
+                "annotations": {"type": "object", "properties": {
+                    "serving.kserve.io/deploymentMode": {
+                        "enum": ["RawDeployment", "Serverless"]}}}}},
+            "spec": {"type": "object", "required": ["predictor"], "additionalProperties": False,
+                     "properties": {"predictor": {
+                         "type": "object", "required": ["containers"],
+                         "properties": {**KSERVE_EXTENSION, "containers": {
+                             "type": "array", "minItems": 1,
+                             "contains": {"properties": {"name": {
+                                 "const": "kserve-container"}}}}}}}}}},
     ("keda.sh/v1alpha1", "ScaledObject"): {
         "type": "object", "required": ["metadata", "spec"], "properties": {
             "metadata": _META,
@@ -99,6 +130,13 @@ def env(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in server(docs)["env"]}
 
 
+def predictor_pod(isvc: dict[str, Any]) -> dict[str, Any]:
+    """The InferenceService predictor's inline PodSpec fields as a v1 Pod, for the Kubernetes
+    schema (the component extension fields are KServe's own)."""
+    spec = {k: v for k, v in isvc["spec"]["predictor"].items() if k not in KSERVE_EXTENSION}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": spec}
+
+
 def test_kubernetes_schemas_are_current() -> None:
     assert tuple(int(p) for p in K8S_VERSION.split(".")[:2]) >= (1, 30)
 
@@ -119,6 +157,8 @@ def test_every_object_validates(rendered, name: str) -> None:
         crd_schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
         if crd_schema is not None:
             jsonschema.validate(doc, crd_schema)
+            if doc["kind"] == "InferenceService":
+                kv.validate(predictor_pod(doc), K8S_VERSION, strict=True)
         else:  # SchemaNotFoundError here would mean a kind unknown to Kubernetes
             kv.validate(doc, K8S_VERSION, strict=True)
 
@@ -174,7 +214,8 @@ def test_pod_runs_non_root_with_read_only_root(rendered) -> None:
 
 SERVER_OPTS = {"host": "::", "port": 9000, "backend": "onnxruntime", "maxBatch": 32,
                "maxWaitMs": 2.5, "maxWaitFraction": 0.25, "maxQueue": 1000, "timeoutS": 12,
-               "drainS": 45, "maxBodyBytes": 4096}
+               "drainS": 45, "maxBodyBytes": 4096, "maxBacklogS": 2.5, "maxTeacherSteps": 32,
+               "teacher": "off", "maxRequestS": 7.5, "watchdogFactor": 20, "authMetrics": True}
 
 
 def test_every_server_option_maps_to_env() -> None:
@@ -184,7 +225,10 @@ def test_every_server_option_maps_to_env() -> None:
         "HALFSTEP_HOST": "::", "HALFSTEP_PORT": "9000", "HALFSTEP_BACKEND": "onnxruntime",
         "HALFSTEP_MAX_BATCH": "32", "HALFSTEP_MAX_WAIT_MS": "2.5",
         "HALFSTEP_MAX_WAIT_FRACTION": "0.25", "HALFSTEP_MAX_QUEUE": "1000",
-        "HALFSTEP_TIMEOUT_S": "12", "HALFSTEP_DRAIN_S": "45", "HALFSTEP_MAX_BODY_BYTES": "4096"}
+        "HALFSTEP_TIMEOUT_S": "12", "HALFSTEP_DRAIN_S": "45", "HALFSTEP_MAX_BODY_BYTES": "4096",
+        "HALFSTEP_MAX_BACKLOG_S": "2.5", "HALFSTEP_MAX_TEACHER_STEPS": "32",
+        "HALFSTEP_TEACHER": "off", "HALFSTEP_MAX_REQUEST_S": "7.5",
+        "HALFSTEP_WATCHDOG_FACTOR": "20", "HALFSTEP_AUTH_METRICS": "true"}
     assert server(docs)["ports"][0]["containerPort"] == 9000
     assert "HALFSTEP_BUNDLE" not in e  # the embedded bundle needs none
 
@@ -206,6 +250,15 @@ def test_server_reads_the_env_the_chart_sets() -> None:
     assert (s.host, s.port, s.backend, s.max_batch, s.max_wait_ms, s.max_wait_fraction,
             s.max_queue, s.timeout_s, s.drain_s, s.max_body_bytes, s.bundle) == (
         "::", 9000, "onnxruntime", 32, 2.5, 0.25, 1000, 12, 45, 4096, "/models")
+    assert (s.max_backlog_s, s.max_teacher_steps, s.teacher, s.max_request_s,
+            s.watchdog_factor, s.auth_metrics) == (2.5, 32, "off", 7.5, 20, True)
+    d = settings.Settings.from_env(
+        {k: v for k, v in env(render({})).items() if k.startswith("HALFSTEP_")})
+    defaults = settings.Settings()
+    assert (d.max_backlog_s, d.max_teacher_steps, d.teacher, d.max_request_s,
+            d.watchdog_factor, d.auth_metrics) == (
+        defaults.max_backlog_s, defaults.max_teacher_steps, defaults.teacher,
+        defaults.max_request_s, defaults.watchdog_factor, defaults.auth_metrics)
     from halfstep.engines.names import BACKENDS
 
     with helm.Chart.load(CHART) as chart:
@@ -218,7 +271,11 @@ def test_termination_grace_exceeds_drain(drain: float) -> None:
     docs = render({"server": {"drainS": drain}})
     grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     sleep = int(server(docs)["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert grace > sleep + drain
+    assert grace > sleep + drain and grace >= drain + 5
+    no_sleep = render({"server": {"drainS": drain, "preStopSleepS": 0,
+                                  "terminationGraceMarginS": 5}})
+    spec = one(no_sleep, "Deployment")["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] >= drain + 5
 
 
 def test_api_key_comes_from_a_secret(rendered) -> None:
@@ -327,6 +384,10 @@ def test_image_model_source_copies_with_an_init_container(rendered) -> None:
     ({"model": {"bundlePath": "/abs"}}, "/model/bundlePath"),
     ({"serviceMonitor": {"interval": "15 seconds"}}, "/serviceMonitor/interval"),
     ({"autoscaling": {"metric": "gpu"}}, "/autoscaling/metric"),
+    ({"server": {"terminationGraceMarginS": 4}}, "/server/terminationGraceMarginS"),
+    ({"server": {"teacher": "no"}}, "/server/teacher"),
+    ({"server": {"maxTeacherSteps": 0}}, "/server/maxTeacherSteps"),
+    ({"server": {"authMetrics": "yes"}}, "/server/authMetrics"),
 ])
 def test_schema_rejects_wrong_values(values: dict[str, Any], where: str) -> None:
     with pytest.raises(helm.HelmValuesError, match=re.escape(where)):
@@ -362,3 +423,104 @@ def test_readme_documents_the_values() -> None:
     assert documented - known == set(), "README names values that do not exist"
     tops = {k.split(".")[0] for k in documented}
     assert set(values) - tops == set(), "top-level values missing from the README table"
+
+
+def test_kserve_replaces_deployment_and_service(rendered) -> None:
+    docs = rendered["kserve"]
+    assert {d["kind"] for d in docs} == {"InferenceService", "ServiceAccount",
+                                         "PodDisruptionBudget", "Secret"}
+    isvc = one(docs, "InferenceService")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    predictor = isvc["spec"]["predictor"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"], predictor["timeout"]) == (1, 3, 60)
+    # the PodDisruptionBudget still selects the predictor pods through their labels
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= predictor["labels"].items()
+
+
+def test_kserve_predictor_runs_the_same_server(rendered) -> None:
+    plain = render({"server": {"apiKey": {"value": "s3cret"}}})
+    deployed = one(plain, "Deployment")["spec"]["template"]["spec"]
+    predictor = one(rendered["kserve"], "InferenceService")["spec"]["predictor"]
+    (c,) = predictor["containers"]
+    d = deployed["containers"][0]
+    assert c["name"] == "kserve-container"
+    for key in ("image", "env", "resources", "securityContext", "volumeMounts", "lifecycle"):
+        assert c[key] == d[key], key
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": d[probe]["httpGet"]["path"], "port": 8000}
+    assert c["ports"] == [{"name": "http1", "containerPort": 8000, "protocol": "TCP"}]
+    for key in ("volumes", "tolerations", "securityContext", "terminationGracePeriodSeconds",
+                "serviceAccountName", "automountServiceAccountToken"):
+        assert predictor[key] == deployed[key], key
+
+
+def test_kserve_serverless_leaves_out_what_knative_refuses(rendered) -> None:
+    isvc = one(rendered["kserve_serverless"], "InferenceService")
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    (c,) = isvc["spec"]["predictor"]["containers"]
+    assert "startupProbe" not in c and "lifecycle" not in c
+    assert "readinessProbe" in c and "livenessProbe" in c
+    assert {"name": "HALFSTEP_BUNDLE", "value": "/models"} in c["env"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"autoscaling": {"enabled": True}}, "KServe scales the predictor"),
+    ({"keda": {"enabled": True}}, "KServe scales the predictor"),
+    ({"serviceMonitor": {"enabled": True}}, "no Service under KServe"),
+    ({"kserve": {"minReplicas": 3, "maxReplicas": 2}}, "kserve.minReplicas"),
+])
+def test_kserve_contradictions_fail_with_a_message(values: dict[str, Any], message: str) -> None:
+    merged = {**values, "kserve": {"enabled": True, **values.get("kserve", {})}}
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(merged)
+
+
+def test_schema_rejects_wrong_kserve_values() -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape("/kserve/deploymentMode")):
+        render({"kserve": {"enabled": True, "deploymentMode": "Knative"}})
+
+
+def dashboard(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    import json
+
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    return json.loads(cm["data"]["halfstep.json"])
+
+
+def test_grafana_dashboard_config_map(rendered) -> None:
+    docs = rendered["grafana_dashboard"]
+    cm = one(docs, "ConfigMap")
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "halfstep"}
+    board = dashboard(docs)
+    titles = " ".join(p["title"] for p in board["panels"]).lower()
+    for topic in ("lane", "p99", "batch size", "queue depth", "backlog", "busy", "rejection"):
+        assert topic in titles, topic
+    assert not [d for d in rendered["defaults"] if d["kind"] == "ConfigMap"]
+
+
+def test_dashboard_queries_only_metrics_the_server_exports(rendered, tiny_bundle_dir) -> None:
+    """Every halfstep_* series a panel queries exists in a live /metrics after one request."""
+    import httpx
+
+    from .test_server_support import make_app, serving
+
+    exprs = [t["expr"] for p in dashboard(rendered["grafana_dashboard"])["panels"]
+             for t in p["targets"]]
+    queried = {name for e in exprs for name in re.findall(r"\bhalfstep_[a-z_]+", e)}
+    assert len(queried) >= 8
+    app, _ = make_app(tiny_bundle_dir)
+    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as h:
+        assert h.post("/generate", params={"steps": 1, "seed": 1}).status_code == 200
+        text = h.get("/metrics").text
+    samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+               if line and not line.startswith("#")}
+    families = {line.split()[2]: line.split()[3] for line in text.splitlines()
+                if line.startswith("# TYPE ")}
+    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",),
+                "gauge": ("",)}
+    declared = {name + suffix for name, kind in families.items()
+                for suffix in suffixes.get(kind, ("",))}
+    assert queried - (samples | declared) == set()

@@ -162,7 +162,7 @@ def test_deadline_picks_the_largest_student_that_fits_as_the_backlog_grows():
         b = make(engine)
         b.seed_run_times({("student", s): 0.1 * s for s in (1, 2, 4, 8)})
         state = SimpleNamespace(batcher=b, bundle=SimpleNamespace(student_steps=[1, 2, 4, 8]))
-        job = SimpleNamespace(steps=8, n=1)
+        job = SimpleNamespace(steps=8, n=1, exact=False)
         chosen = [choose_student(state, job, 1.0)]  # idle: 8 steps = 0.8 s fits 1 s
         b.start()
         engine.gate.clear()

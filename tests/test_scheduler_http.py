@@ -51,7 +51,7 @@ def test_backlog_over_the_bound_answers_503_with_retry_after(tiny_bundle_dir):
         err, text = asyncio.run(scenario())
     assert err.status == 503 and "over the bound" in err.body["error"]
     assert int(err.headers["retry-after"]) >= 1
-    assert metric_value(text, "halfstep_rejected_total", 'reason="queue_full"') == 1
+    assert metric_value(text, "halfstep_rejected_total", 'reason="overloaded"') == 1
 
 
 async def _running(app) -> bool:
@@ -59,7 +59,7 @@ async def _running(app) -> bool:
 
 
 def test_deadline_ms_picks_the_student_and_refuses_what_cannot_be_met(tiny_bundle_dir):
-    app, engine = make_app(tiny_bundle_dir)
+    app, engine = make_app(tiny_bundle_dir, max_request_s=1000.0)  # the cost cap is not tested
     with serving(app) as url, Client(url) as c:
         # pretend every student costs 10 s per image-step: 8 steps = 80 s, 4 = 40 s, 1 = 10 s
         for steps in (1, 2, 4, 8):

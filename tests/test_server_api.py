@@ -83,6 +83,7 @@ def test_random_seed_is_echoed_and_reproduces(server):
     ({"label": -1}, 422, "label"),
     ({"seed": -1}, 422, "seed"),
     ({"seed": 2**63}, 422, "seed"),
+    ({"seed": 2**53}, 422, "less than or equal to 9007199254740991"),
     ({"model": "ema"}, 422, "'student' or 'teacher'"),
     ({"format": "gif"}, 422, "'png' or 'json'"),
     ({"steps": "four"}, 422, "valid integer"),

@@ -1,4 +1,5 @@
-"""Optional bearer token: /generate and /v1/models need it when HALFSTEP_API_KEY is set."""
+"""Optional bearer token: /generate, /v1/*, /v2/* and /admin/* need it when HALFSTEP_API_KEY
+is set (checked by middleware before the body is read: tests/test_server_surface.py)."""
 
 from __future__ import annotations
 

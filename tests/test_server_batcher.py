@@ -83,7 +83,7 @@ def test_full_queue_answers_503_at_once(tiny_bundle_dir):
     assert err.status == 503 and err.headers["retry-after"] == "1"
     assert "queue is full" in err.body["error"]
     assert elapsed < 5  # refused at once, not after the held batch
-    assert ready.status_code == 503 and ready.json()["reason"] == "queue full"
+    assert ready.status_code == 200  # overload is shed with 503, the pod stays ready
     assert [d.steps for d in done] == [1, 2, 2]  # what was accepted still ran
     assert metric_value(text, "halfstep_rejected_total", 'reason="queue_full"') == 1
 
@@ -151,9 +151,8 @@ def test_a_failing_batch_fails_only_its_requests(tiny_bundle_dir):
             c.generate(steps=1, n=3)
         ok = c.generate(steps=4)
         text = c.metrics()
-    assert failed.value.status == 500 and "injected failure" in failed.value.body["error"]
-    assert short.value.status == 500
-    assert "returned 2 images for 3 inputs" in short.value.body["error"]
+    # the engine's text goes to the log; the body names the request (errors.py)
+    assert failed.value.status == 500 and short.value.status == 500
     assert ok.steps == 4
     assert metric_value(text, "halfstep_rejected_total", 'reason="error"') == 2
     assert metric_value(text, "halfstep_requests_total", 'status="500"') == 2

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402  (comes with s
 from schemathesis import GenerationMode  # noqa: E402
 
 from halfstep.distill.bundle import Bundle  # noqa: E402
+from halfstep.server.openapi_errors import ErrorBody  # noqa: E402
 
 from .test_server_support import (  # noqa: E402
     InstrumentedEngine,
@@ -48,7 +49,8 @@ def test_no_input_gives_a_server_error(fuzz_url, mode):
             f"{response.status_code} {response.text[:300]}"
         )
         if response.status_code >= 400:  # every refusal is a JSON body that says why
-            assert response.json()["error"], response.text
+            assert ErrorBody.model_validate(response.json()).error, response.text
+        assert response.headers.get("x-request-id")
 
     check()
     assert len(seen) >= 10  # the fuzzer really ran

@@ -41,15 +41,27 @@ class InstrumentedEngine(TorchEngine):
         # one cheap key keeps start-up fast; the full warm-up is the engine's own business
         self.warm_keys = warm_keys or [("student", bundle.student_steps[0])]
 
-    def run(self, model, steps, noise, labels):
+    def _enter(self, model: str, steps: int, rows: int, record: bool = True) -> None:
+        """Wait at the gate, record the run, and fail it when asked to."""
         self.entered.set()
         if not self.gate.wait(timeout=30):
             raise RuntimeError("test gate never opened")
-        self.calls.append((model, steps, int(noise.shape[0])))
+        if record:
+            self.calls.append((model, steps, rows))
         if steps in self.fail_steps:
             raise RuntimeError(f"injected failure for steps={steps}")
+
+    def run(self, model, steps, noise, labels):
+        self._enter(model, steps, int(noise.shape[0]))
         images = super().run(model, steps, noise, labels)
         return images[:-1] if steps in self.short_steps else images
+
+    def run_chunk(self, model, steps, z, labels, start, stop):
+        """A teacher of more than chunk_steps steps runs here: gated at every chunk, recorded
+        once (as run() records it) at its first."""
+        self._enter(model, steps, int(z.shape[0]), record=start == 0)
+        out = super().run_chunk(model, steps, z, labels, start, stop)
+        return out[:-1] if stop == steps and steps in self.short_steps else out
 
     def warmup(self, keys=None):
         info = super().warmup(self.warm_keys)

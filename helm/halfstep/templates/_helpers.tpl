@@ -89,6 +89,15 @@ Cross-field rules the JSON schema cannot word clearly; each fails the install wi
 {{- if and (eq .Values.server.backend "cudagraph" "tensorrt") (not .Values.gpu.enabled) }}
 {{- fail (printf "server.backend=%s needs a GPU: set gpu.enabled=true or choose auto, torch or onnxruntime" .Values.server.backend) }}
 {{- end }}
+{{- if and .Values.kserve.enabled (or .Values.autoscaling.enabled .Values.keda.enabled) }}
+{{- fail "kserve.enabled with autoscaling.enabled or keda.enabled: KServe scales the predictor itself (kserve.minReplicas, kserve.maxReplicas)" }}
+{{- end }}
+{{- if and .Values.kserve.enabled .Values.serviceMonitor.enabled }}
+{{- fail "kserve.enabled with serviceMonitor.enabled: the chart makes no Service under KServe; scrape the predictor pods another way" }}
+{{- end }}
+{{- if and .Values.kserve.enabled (gt (int .Values.kserve.minReplicas) (int .Values.kserve.maxReplicas)) (gt (int .Values.kserve.maxReplicas) 0) }}
+{{- fail "kserve.minReplicas is larger than kserve.maxReplicas" }}
+{{- end }}
 {{- $pdb := .Values.podDisruptionBudget }}
 {{- if and $pdb.enabled (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable) }}
 {{- fail "podDisruptionBudget.enabled needs minAvailable or maxUnavailable" }}

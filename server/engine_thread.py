@@ -1,0 +1,41 @@
+"""The one engine thread: runs engine calls in order, as a daemon (never blocks exit).
+
+A `ThreadPoolExecutor` worker is joined when the interpreter exits, so an engine call that
+hangs would keep a SIGTERM-ed server from exiting; this thread is a daemon instead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+
+class EngineThread:
+    """submit(fn, *args) -> Future; the calls run one at a time, in submission order."""
+
+    def __init__(self, name: str = "halfstep-engine") -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Stop after the calls already submitted (returns at once)."""
+        self._calls.put(None)
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the awaiting coroutine, which decides
+                future.set_exception(exc)

@@ -1,0 +1,82 @@
+"""The scheduler's estimates: each lane's cost, the batching window, the work ahead of a
+request (backlog), its predicted completion, and how long a batch may run (the watchdog).
+
+Mixed into `Batcher`, which holds `lanes`, `runs` (teacher runs in progress), the running
+batch's predicted end (`_running_until`) and the settings these read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from .lanes import Lane
+
+DUE_SLACK = 4.0  # a job without its own deadline is due after 4 of its lane's batch times
+
+
+class Estimates:
+    lanes: dict[tuple[str, int], Lane]
+    runs: list
+    max_wait_s: float
+    wait_fraction: float
+    watchdog_factor: float
+    watchdog_min_s: float
+    timeout_s: float
+    _running_until: float
+
+    # -- estimates ------------------------------------------------------------------------
+    def lane(self, key: tuple[str, int]) -> Lane:
+        return self.lanes[key] if key in self.lanes else self.lanes.setdefault(key, Lane(key))
+
+    def seed_run_times(self, run_s: dict[tuple[str, int], float]) -> None:
+        """Start lanes' estimates from the engine's warm-up timings (Engine.warm_run_s)."""
+        for key, seconds in run_s.items():
+            self.lane(key).seed(float(seconds))
+
+    def _default_image_step_s(self) -> float:
+        """For a lane never measured: the slowest known cost per image-step (cautious)."""
+        known = [lane.image_step_s for lane in self.lanes.values() if lane.image_step_s]
+        return max(known, default=0.0)
+
+    def cost_s(self, key: tuple[str, int], n: int) -> float:
+        """Predicted engine seconds of n images of `key`."""
+        return self.lane(key).cost_s(n, self._default_image_step_s())
+
+    def wait_limit(self, key: tuple[str, int]) -> float:
+        """How long a batch of `key` may wait for company (after engine-free or arrival)."""
+        if self.wait_fraction == 0:
+            return 0.0
+        recent = self.lane(key).batch_s
+        if recent is None:  # neither warmed up nor run yet: the configured bound alone
+            return self.max_wait_s
+        return min(self.max_wait_s, self.wait_fraction * recent)
+
+    def backlog_s(self, due: float | None = None) -> float:
+        """Engine seconds ahead: what is left of the running batch plus queued work (only the
+        work due no later than `due`, when given: it runs first)."""
+        now = time.monotonic()
+        queued = sum(job.cost_s for lane in self.lanes.values() for job in lane.queue
+                     if due is None or job.due <= due)
+        default = self._default_image_step_s()
+        part_run = sum(run.remaining_s(default) for run in self.runs
+                       if due is None or run.due <= due)
+        return max(0.0, self._running_until - now) + queued + part_run
+
+    def predict_s(self, key: tuple[str, int], n: int, deadline_s: float | None = None) -> float:
+        """Seconds until a request of n images of `key`, submitted now, would be done."""
+        due = time.monotonic() + self._relative_due(key, n, deadline_s)
+        return self.backlog_s(due) + self.cost_s(key, n)
+
+    def _relative_due(self, key: tuple[str, int], n: int, deadline_s: float | None,
+                      timeout_s: float = math.inf) -> float:
+        if deadline_s is not None:
+            return deadline_s
+        estimate = self.lane(key).batch_s or self.cost_s(key, n)
+        return min(DUE_SLACK * estimate, timeout_s / 2)
+
+    def watchdog_limit_s(self, predicted_s: float) -> float:
+        """How long an engine call predicted to take predicted_s may run before it stalled."""
+        if predicted_s <= 0:  # nothing measured yet: the request timeout bounds it
+            return max(self.watchdog_min_s, self.timeout_s)
+        return max(self.watchdog_factor * predicted_s, self.watchdog_min_s)
