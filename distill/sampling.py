@@ -36,19 +36,7 @@ def ddim_sample(
     With clip=True (sampling), x_hat is clipped to [-1, 1] at every step and eps_hat is
     recomputed from the clipped value, which ddim_step does implicitly.
     """
-    grid = time_grid(steps)
-    z = noise
-    x_hat = noise
-    for t, s in zip(grid[:-1], grid[1:]):
-        t_vec = torch.full((z.shape[0],), t, dtype=torch.float32, device=z.device)
-        x_hat = denoise(z, t_vec, labels)
-        if clip:
-            x_hat = x_hat.clamp(-1.0, 1.0)
-        if s > 0:
-            alpha_t, sigma_t = schedule.alpha_sigma_float(t)
-            alpha_s, sigma_s = schedule.alpha_sigma_float(s)
-            z = ddim_step(z, x_hat, alpha_t, sigma_t, alpha_s, sigma_s)
-    return x_hat
+    return ddim_steps(denoise, noise, labels, steps, schedule, 0, steps, clip)
 
 
 @torch.no_grad()

@@ -12,8 +12,25 @@ from dataclasses import asdict, dataclass
 import torch
 
 
+class LogSnrSchedule:
+    """alpha_t, sigma_t from log_snr: alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)."""
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) with alpha^2 + sigma^2 = 1."""
+        lam = self.log_snr(t)
+        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    def alpha_sigma_float(self, t: float) -> tuple[float, float]:
+        """Python floats (float64) for samplers that bake the time grid into constants."""
+        alpha, sigma = self.alpha_sigma(torch.tensor(t, dtype=torch.float64))
+        return float(alpha), float(sigma)
+
+
 @dataclass(frozen=True)
-class CosineSchedule:
+class CosineSchedule(LogSnrSchedule):
     """lambda(t) = -2 log(tan(a t + b)), clipped to [logsnr_min, logsnr_max] at the ends."""
 
     logsnr_min: float = -20.0
@@ -37,16 +54,6 @@ class CosineSchedule:
         """lambda_t for t in [0, 1]; lambda(0) = logsnr_max, lambda(1) = logsnr_min."""
         return -2.0 * torch.log(torch.tan(self._a * t + self._b))
 
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) with alpha^2 + sigma^2 = 1."""
-        lam = self.log_snr(t)
-        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
-
-    def alpha_sigma_float(self, t: float) -> tuple[float, float]:
-        """Python floats (float64) for samplers that bake the time grid into constants."""
-        alpha, sigma = self.alpha_sigma(torch.tensor(t, dtype=torch.float64))
-        return float(alpha), float(sigma)
-
     def to_dict(self) -> dict:
         return {"name": "cosine", **asdict(self)}
 
@@ -68,7 +75,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 @dataclass(frozen=True)
-class DiscreteSchedule:
+class DiscreteSchedule(LogSnrSchedule):
     """A discrete DDPM schedule (diffusers' betas, T steps) seen in continuous time.
 
     t in [0, 1] sits at fractional step k = t (T - 1); lambda_t interpolates the steps'
@@ -111,14 +118,6 @@ class DiscreteSchedule:
         lo = k.floor().long().clamp(max=self.num_train_timesteps - 2)
         frac = k - lo
         return (table[lo] * (1 - frac) + table[lo + 1] * frac).to(t.dtype)
-
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lam = self.log_snr(t)
-        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
-
-    def alpha_sigma_float(self, t: float) -> tuple[float, float]:
-        alpha, sigma = self.alpha_sigma(torch.tensor(t, dtype=torch.float64))
-        return float(alpha), float(sigma)
 
     def to_dict(self) -> dict:
         return {"name": "discrete", **asdict(self)}
