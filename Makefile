@@ -44,19 +44,11 @@ $(DEV_STAMP): pyproject.toml
 	$(call install_extras,$(DEV_EXTRAS))
 	touch $(DEV_STAMP) $(RUN_STAMP)
 
-# Without BUNDLE, `make run` serves a copy of the embedded model with ONNX exports, made once
-# under .halfstep/ (~45 s): ONNX Runtime is 3-5x faster than eager torch at batch 1 on CPU, and
-# the exports do not fit the embedded bundle's 30 MB package-data budget.
-SERVED := .halfstep/mnist-onnx
-
-$(SERVED)/bundle.json: $(RUN_STAMP) server/bundles/mnist/bundle.json
-	rm -rf $(SERVED) $(SERVED).tmp
-	$(VENV)/bin/halfstep copy-bundle server/bundles/mnist $(SERVED).tmp
-	$(VENV)/bin/halfstep export --bundle $(SERVED).tmp --format onnx
-	mv $(SERVED).tmp $(SERVED)
-
-run: install $(if $(BUNDLE),,$(SERVED)/bundle.json)
-	$(VENV)/bin/halfstep serve --host $(HOST) --port $(PORT) --backend $(BACKEND) --bundle $(if $(BUNDLE),$(BUNDLE),$(SERVED))
+# Without BUNDLE, `make run` serves the embedded model. On CPU, `halfstep serve --backend auto`
+# exports it to ONNX once (~1 minute) into $HALFSTEP_CACHE (default ~/.cache/halfstep) and
+# serves that copy: ONNX Runtime is 3-5x faster than eager torch at batch 1 on CPU.
+run: install
+	$(VENV)/bin/halfstep serve --host $(HOST) --port $(PORT) --backend $(BACKEND) $(if $(BUNDLE),--bundle $(BUNDLE),)
 
 # Headless Chromium for the playground test (skipped with a reason when it cannot be installed).
 browser:

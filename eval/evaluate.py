@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from halfstep.distill.bundle import Bundle, BundleError
+from halfstep.distill.cache import default_cache_dir
 from halfstep.distill.data import ImageDataset, load_mnist
 from halfstep.distill.io import atomic_torch_save
 from halfstep.distill.progress import progress as progress_bar
@@ -31,10 +32,6 @@ from .frechet import FeatureStats, frechet_distance
 
 METHODS = ("real", "student", "ddim", "dpm++")
 GRID_IMAGES = 20  # two of each label, kept per row for the sample grids
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("HALFSTEP_CACHE") or Path.home() / ".cache" / "halfstep")
 
 
 def mnist_dir_from_spec(data: str) -> str:

@@ -7,7 +7,9 @@ bearer token, before any body is read (`auth.py`); body-size limit (`middleware.
 
 from __future__ import annotations
 
+import sys
 from importlib.resources import files
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +23,7 @@ from halfstep.engines.base import Engine
 
 from .access_log import RequestContext
 from .auth import BearerAuth, auth_metrics_enabled
-from .embedded import load_bundle
+from .embedded import exported_copy, load_bundle
 from .errors import REFUSALS, http_error, invalid_parameters, refused
 from .lifespan import lifespan
 from .middleware import BodyLimit, infer_body_bytes
@@ -40,13 +42,35 @@ def build_engine(settings: Settings, bundle: Bundle) -> Engine:
     return make_engine(bundle, settings.backend, buckets=batch_buckets(settings.max_batch))
 
 
+def served_bundle(settings: Settings, export_cache: bool = False,
+                  cache_dir: Path | None = None) -> tuple[Bundle, Path | None]:
+    """(the bundle to serve, the directory it was exported from or None). With `export_cache`,
+    `--backend auto` on a CPU machine with onnxruntime serves a cached ONNX-exported copy of a
+    bundle that has no exports (built once, `embedded.exported_copy`), so auto picks ONNX
+    Runtime; anywhere else the bundle itself."""
+    from halfstep.engines.factory import missing_exports_only
+
+    bundle = load_bundle(settings.bundle)
+    if export_cache and settings.backend == "auto" and missing_exports_only(bundle):
+        try:
+            return exported_copy(bundle, cache_dir), bundle.root
+        except Exception as exc:  # exporting is an optimisation: serve on torch instead
+            print(f"halfstep: warning: could not export {bundle.root} to ONNX "
+                  f"({type(exc).__name__}: {exc}); serving it on eager torch", file=sys.stderr,
+                  flush=True)
+    return bundle, None
+
+
 def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
-               engine: Engine | None = None) -> FastAPI:
-    """The ASGI app. Pass `engine` to serve a prebuilt (or instrumented) engine."""
+               engine: Engine | None = None, export_cache: bool = False) -> FastAPI:
+    """The ASGI app. Pass `engine` to serve a prebuilt (or instrumented) engine; export_cache:
+    see `served_bundle` (`halfstep serve` turns it on)."""
     settings = settings or Settings.from_env()
+    exported_from = None
     if engine is not None:
         bundle = engine.bundle
-    bundle = bundle or load_bundle(settings.bundle)
+    if bundle is None:
+        bundle, exported_from = served_bundle(settings, export_cache)
     engine = engine or build_engine(settings, bundle)
 
     app = FastAPI(title="halfstep", version="1", lifespan=lifespan, docs_url=None,
@@ -54,6 +78,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
                   description="Few-step diffusion sampling within a per-request step budget.")
     add_offline_docs(app)
     app.state.halfstep = ServerState(settings, bundle, engine)
+    app.state.exported_from = exported_from  # the bundle a cached exported copy was made of
     # each add_middleware wraps the ones before it: RequestContext ends up outermost
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        infer_max_bytes=infer_body_bytes(MAX_N, bundle.image_shape))

@@ -8,6 +8,7 @@ import copy
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -68,7 +69,28 @@ def register(subparsers) -> None:
         env = "HALFSTEP_" + flag[2:].replace("-", "_").upper()
         choices = CHOICES.get(flag)
         p.add_argument(flag, type=kind, default=None, choices=choices, help=f"{text} [{env}]")
+    p.add_argument("--no-export-cache", dest="export_cache", action="store_false", default=None,
+                   help="with --backend auto on CPU, serve a bundle without ONNX exports on eager "
+                        "torch instead of on a copy exported once into $HALFSTEP_CACHE/exports "
+                        f"(default: the copy) [{EXPORT_CACHE_ENV}=false]")
     p.set_defaults(func=cmd_serve)
+
+
+EXPORT_CACHE_ENV = "HALFSTEP_EXPORT_CACHE"
+
+
+def export_cache_enabled(flag: bool | None, environ=None) -> bool:
+    """--no-export-cache > HALFSTEP_EXPORT_CACHE > on."""
+    if flag is not None:
+        return flag
+    raw = (os.environ if environ is None else environ).get(EXPORT_CACHE_ENV)
+    if raw is None or not raw.strip():
+        return True
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise ValueError(f"{EXPORT_CACHE_ENV}={raw!r} is not a boolean: use true/false, 1/0, "
+                         "yes/no or on/off") from None
 
 
 def cmd_serve(args) -> int:
@@ -78,7 +100,21 @@ def cmd_serve(args) -> int:
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
         for flag, _, _ in OPTIONS
     })
-    return serve(settings)
+    status = serve(settings, export_cache=export_cache_enabled(getattr(args, "export_cache",
+                                                                       None)))
+    leave(status)
+    return status  # not reached
+
+
+def leave(status: int) -> None:
+    """End the process now, without interpreter finalisation: the engine thread is a daemon
+    and may still be inside torch (a warm-up cut short by SIGTERM), and finalising under it
+    aborts in the C++ runtime. Output and log handlers are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def onnx_hint(settings, engine_name: str, bundle) -> str | None:
@@ -89,7 +125,8 @@ def onnx_hint(settings, engine_name: str, bundle) -> str | None:
         return None
     return (f"halfstep: hint: this bundle has no ONNX exports, so it runs on eager torch; ONNX "
             f"Runtime is 3-5x faster at batch 1 on CPU: halfstep copy-bundle {bundle.root} DIR "
-            f"&& halfstep export --bundle DIR --format onnx && halfstep serve --bundle DIR")
+            f"&& halfstep export --bundle DIR --format onnx && halfstep serve --bundle DIR (or "
+            f"let serve export it once: leave out --no-export-cache / {EXPORT_CACHE_ENV}=false)")
 
 
 class PortInUse(ValueError):
@@ -145,17 +182,20 @@ def log_config() -> dict:
     return with_request_id(config)
 
 
-def serve(settings, engine=None) -> int:
+def serve(settings, engine=None, export_cache: bool | None = None) -> int:
     """Bind the port (a taken one fails here, in well under a second), build the app (bundle
-    and engine load here, so a bad bundle fails before serving), say what is served and where,
-    then run uvicorn until SIGTERM/SIGINT and a bounded drain; exits 0, quietly."""
+    and engine load here, so a bad bundle fails before serving; on CPU with --backend auto a
+    bundle without ONNX exports is served from its cached exported copy, see
+    `app.served_bundle`), say what is served and where, then run uvicorn until SIGTERM/SIGINT
+    and a bounded drain; returns 0. `halfstep serve` then ends the process with `leave`."""
     sock = bind_socket(settings.host, settings.port)  # before the heavy imports below
     try:
         import uvicorn
 
         from .app import create_app
 
-        app = create_app(settings, engine=engine)
+        app = create_app(settings, engine=engine,
+                         export_cache=export_cache_enabled(export_cache))
     except BaseException:
         sock.close()
         raise
@@ -166,8 +206,10 @@ def serve(settings, engine=None) -> int:
     where, url = bound_url(sock)
     teacher = ("teacher off" if settings.teacher == "off"
                else f"teacher up to {teacher_limit(state)} steps")
+    source = app.state.exported_from
+    exported = f" (its ONNX-exported copy of {source}, cached)" if source else ""
     print(
-        f"halfstep: serving bundle {b.name} ({b.root}): students "
+        f"halfstep: serving bundle {b.name} from {b.root}{exported}: students "
         f"{', '.join(map(str, b.student_steps)) or 'none'}, {teacher}; "
         f"backend {state.engine.name}, buckets {state.engine.used_buckets()}; "
         f"auth {'on' if settings.api_key else 'off'}; at {url} (bound to {where}; "

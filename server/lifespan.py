@@ -33,9 +33,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             timeout_s=settings.timeout_s)
     state.batcher.start()
     warm = asyncio.create_task(warm_up(state))  # /healthz answers while this runs
-    yield
-    warm.cancel()
-    state.begin_drain()
+    try:
+        yield
+    finally:
+        warm.cancel()  # a warm-up still in the engine thread is left there: it is a daemon
+        with contextlib.suppress(asyncio.CancelledError):
+            await warm
+        state.begin_drain()
+        try:
+            await drain(state)
+        except asyncio.CancelledError:  # shutdown cut short (a second signal): stop quietly
+            log.info("stopped (drain cut short)")
+
+
+async def drain(state: ServerState) -> None:
+    """Finish queued and running batches for what is left of drain_s."""
     started, left = time.monotonic(), state.drain_left_s()
     log.info("draining %d requests (at most %g s)", state.batcher.depth, left)
     failed = await state.batcher.close(left)
@@ -52,6 +64,10 @@ async def warm_up(state: ServerState) -> None:
         state.ready = True
         state.metrics.ready.set(1)
         log.info("warm-up done: %s", state.warmup)
+    except asyncio.CancelledError:  # shutdown began first; the engine thread may still be in it
+        state.warmup = "cancelled: shutting down"
+        log.info("warm-up cut short: shutting down")
+        raise
     except Exception as exc:  # readiness reports it; liveness too if the engine says it failed
         state.warmup = f"{type(exc).__name__}: {exc}"
         log.error("warm-up failed: %s", state.warmup)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = textwrap.dedent("""
     import sys, time
     from halfstep.distill.bundle import Bundle
-    from halfstep.server.cli import serve
+    from halfstep.server.cli import leave, serve
     from halfstep.server.settings import Settings
     from tests.test_server_support import InstrumentedEngine
 
@@ -37,7 +37,7 @@ SERVER = textwrap.dedent("""
     bundle_dir, port, drain_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     settings = Settings(bundle=bundle_dir, host="127.0.0.1", port=port, backend="torch",
                         max_batch=4, max_wait_ms=5, drain_s=drain_s)
-    sys.exit(serve(settings, engine=SlowEngine(Bundle(bundle_dir))))
+    leave(serve(settings, engine=SlowEngine(Bundle(bundle_dir))))  # as `halfstep serve` ends
 """)
 
 
