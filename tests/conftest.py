@@ -69,6 +69,14 @@ def tiny_bundle(tiny_bundle_dir) -> Bundle:
     return Bundle(tiny_bundle_dir)
 
 
+@pytest.fixture(scope="module")
+def guarded_app(tiny_bundle_dir):
+    """An app on the tiny bundle with HALFSTEP_API_KEY=s3cret (not started)."""
+    from .test_server_support import make_app
+
+    return make_app(tiny_bundle_dir, api_key="s3cret")[0]
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():

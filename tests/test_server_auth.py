@@ -3,30 +3,11 @@ is set (checked by middleware before the body is read: tests/test_server_surface
 
 from __future__ import annotations
 
-import asyncio
-
-import httpx
 import pytest
 
 from halfstep.server.settings import Settings
 
-from .test_server_support import make_app
-
-
-@pytest.fixture(scope="module")
-def guarded_app(tiny_bundle_dir):
-    return make_app(tiny_bundle_dir, api_key="s3cret")[0]
-
-
-def call(app, method: str, path: str, headers: dict | None = None, **kw) -> httpx.Response:
-    """One request through the ASGI transport (no lifespan: auth is checked before queueing)."""
-
-    async def go():
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            return await c.request(method, path, headers=headers, **kw)
-
-    return asyncio.run(go())
+from .test_server_support import call, make_app
 
 
 @pytest.mark.parametrize("path, method", [("/generate", "POST"), ("/v1/models", "GET")])

@@ -6,12 +6,14 @@ gate (to build queues deterministically), fail, or return too few images on requ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import uvicorn
@@ -155,3 +157,14 @@ def expected_images(engine: TorchEngine, model: str, steps: int, seed: int, n: i
 @pytest.fixture(scope="session")
 def micro_bundle_dir(tmp_path_factory) -> Path:
     return micro_bundle(tmp_path_factory.mktemp("micro") / "micro")
+
+
+def call(app, method: str, path: str, headers: dict | None = None, **kw) -> httpx.Response:
+    """One request through the ASGI transport (no lifespan: nothing is queued or warmed up)."""
+
+    async def go():
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.request(method, path, headers=headers, **kw)
+
+    return asyncio.run(go())

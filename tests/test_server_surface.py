@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 
-import httpx
 import pytest
 
 from halfstep.server.access_log import (
@@ -22,7 +21,7 @@ from halfstep.server.auth import is_protected
 from halfstep.server.request import MAX_SEED
 from halfstep.server.settings import Settings, parse_bool
 
-from .test_server_support import InstrumentedEngine, make_app
+from .test_server_support import InstrumentedEngine, call, make_app
 
 AUTH = {"Authorization": "Bearer s3cret"}
 
@@ -30,20 +29,6 @@ AUTH = {"Authorization": "Bearer s3cret"}
 @pytest.fixture(scope="module")
 def open_app(tiny_bundle_dir):
     return make_app(tiny_bundle_dir)[0]
-
-
-@pytest.fixture(scope="module")
-def guarded_app(tiny_bundle_dir):
-    return make_app(tiny_bundle_dir, api_key="s3cret")[0]
-
-
-def call(app, method: str, path: str, headers: dict | None = None, **kw) -> httpx.Response:
-    async def go():
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            return await c.request(method, path, headers=headers, **kw)
-
-    return asyncio.run(go())
 
 
 # 1. authentication before parsing
