@@ -6,7 +6,6 @@ count under their own reason, and `halfstep serve --auth-metrics` reads a boolea
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 
 import httpx
@@ -18,20 +17,11 @@ from halfstep.server.middleware import infer_body_bytes
 from halfstep.server.oip_tensors import HEADER_LENGTH
 from halfstep.server.request import MAX_N
 
-from .test_server_support import make_app, metric_value, serving
+from .test_server_support import call, make_app, metric_value, serving
 
 INFER = "/v2/models/tiny/infer"
 
 
-def call(app, method: str, path: str, **kw) -> httpx.Response:
-    """One request through the ASGI transport, without the lifespan (so never ready)."""
-
-    async def go():
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            return await c.request(method, path, **kw)
-
-    return asyncio.run(go())
 
 
 def binary_noise(n: int, shape: tuple[int, ...]) -> tuple[bytes, dict[str, str]]:
