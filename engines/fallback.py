@@ -23,6 +23,15 @@ class TeacherFallback(Engine):
         self.min_rows = students.min_rows
         self.batch_invariant = students.batch_invariant
 
+    @property
+    def failure(self) -> str | None:
+        """Why this engine cannot serve: its own reason or either part's."""
+        return self._failure or self.students.failure or self.teacher.failure
+
+    @failure.setter
+    def failure(self, reason: str | None) -> None:
+        self._failure = reason
+
     def rows_for(self, model: str, n: int) -> int:
         engine = self.teacher if model == "teacher" else self.students
         return engine.rows_for(model, n)

@@ -56,7 +56,6 @@ class Lane:
         self.queue: deque[Job] = deque()
         self.image_step_s: float | None = None  # None: neither warmed up nor run yet
         self.batch_s: float | None = None
-        self.last_rows = 0  # images in this lane's previous batch
 
     @property
     def steps(self) -> int:
@@ -92,7 +91,6 @@ class Lane:
             EMA_KEEP * self.image_step_s + (1 - EMA_KEEP) * per
         self.batch_s = run_s if self.batch_s is None else \
             EMA_KEEP * self.batch_s + (1 - EMA_KEEP) * run_s
-        self.last_rows = rows
 
     def take(self, max_rows: int) -> tuple[list[Job], int]:
         """The oldest queued job (even one over max_rows: the engine thread runs it in

@@ -31,7 +31,7 @@ from halfstep.distill.images import to_uint8
 from halfstep.distill.sampling import noise_for_seeds
 
 from .admission import check_ready, check_request
-from .batcher import Draining, Overloaded
+from .batcher import Draining
 from .errors import REFUSALS, reject
 from .oip_tensors import (
     HEADER_LENGTH,
@@ -76,8 +76,6 @@ def refusal(request: Request, exc: Exception) -> JSONResponse:
     message = json.loads(answer.body)["error"]
     headers = {k.lower(): v for k, v in answer.headers.items()
                if k.lower() not in ("content-length", "content-type")}
-    if isinstance(exc, Overloaded):
-        headers["retry-after"] = str(exc.retry_after_s)
     status = 400 if answer.status_code == 422 else answer.status_code
     return error(status, message, headers)
 

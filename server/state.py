@@ -45,11 +45,8 @@ class ServerState:
 
     def unhealthy_reason(self) -> str | None:
         """Why /healthz answers 503 (restart this process), or None while it can serve."""
-        engines = [self.engine, getattr(self.engine, "students", None),
-                   getattr(self.engine, "teacher", None)]
-        for engine in engines:
-            if getattr(engine, "failure", None):
-                return f"engine failed: {engine.failure}"
+        if self.engine.failure:
+            return f"engine failed: {self.engine.failure}"
         if self.batcher is not None and self.batcher.failure:
             return self.batcher.failure
         return None

@@ -321,3 +321,13 @@ def test_reduced_precision_is_checked_against_float32(gpu_bundle, dtype):
     assert report["precision_vs_float32"]["student/4"]["psnr_db"] > 0
     images = loose.run("student", 4, *batch(gpu_bundle, [0, 1]))
     assert images.dtype == torch.float32 and images.abs().max() <= 1.0
+
+
+def test_teacher_fallback_reports_either_parts_failure(tiny_bundle):
+    from halfstep.engines.fallback import TeacherFallback
+
+    students, teacher = TorchEngine(tiny_bundle), TorchEngine(tiny_bundle)
+    engine = TeacherFallback(students, teacher)
+    assert engine.failure is None
+    teacher.failure = "capture failed"
+    assert engine.failure == "capture failed"
