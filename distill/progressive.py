@@ -260,9 +260,10 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
             configs,
         )
     _barrier()
-    done = Bundle(out).student_steps if exists else []
+    bundle = Bundle(out) if exists else None  # verified once
+    done = bundle.student_steps if bundle else []
     if done:
-        teacher = Bundle(out).denoiser("student", min(done))
+        teacher = bundle.denoiser("student", min(done))
     if exists and rank == 0:
         print(f"resuming {out}: students {done} already distilled")
     teacher = teacher.to(device)

@@ -6,6 +6,7 @@ Everything here runs in the dtype of its input: pass float32 or float64, never h
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -111,9 +112,15 @@ class DiscreteSchedule(LogSnrSchedule):
                                  dtype=torch.float64)
         return torch.cumprod(1.0 - betas, dim=0)
 
-    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+    @functools.cached_property
+    def log_snr_table(self) -> torch.Tensor:
+        """lambda_k = log(abar_k / (1 - abar_k)) at every integer step, float64; computed once
+        (the sampler and the loss ask for lambda several times per step)."""
         abar = self.alphas_cumprod()
-        table = (abar.log() - torch.log1p(-abar)).to(device=t.device)
+        return abar.log() - torch.log1p(-abar)
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        table = self.log_snr_table.to(device=t.device)
         k = t.to(torch.float64).clamp(0.0, 1.0) * (self.num_train_timesteps - 1)
         lo = k.floor().long().clamp(max=self.num_train_timesteps - 2)
         frac = k - lo

@@ -51,9 +51,7 @@ def pipeline_schedule(schedule: dict) -> dict:
     discrete schedule's per-step log-SNR table (float64 values; JSON keeps them exact)."""
     sched = schedule_from_dict(schedule)
     if isinstance(sched, DiscreteSchedule):
-        abar = sched.alphas_cumprod()
-        table = abar.log() - torch.log1p(-abar)
-        return {**sched.to_dict(), "log_snr": [float(v) for v in table]}
+        return {**sched.to_dict(), "log_snr": [float(v) for v in sched.log_snr_table]}
     return sched.to_dict()
 
 
