@@ -98,12 +98,14 @@ def access_record(scope: Scope, request_id: str, status: int, duration_s: float,
                     "path": scope.get("path"), "status": status,
                     "duration_ms": round(duration_s * 1e3, 3)}
     model, steps = headers.get("x-halfstep-model"), headers.get("x-halfstep-steps")
+    if headers.get("x-halfstep-bundle"):
+        record["bundle"] = headers["x-halfstep-bundle"]
     if model:
         record["model"] = model
     if steps and steps.isdigit():
         record["steps"] = int(steps)
         if model:
-            record["lane"] = lane_label((model, int(steps)))
+            record["lane"] = lane_label(model, int(steps))
     timing = server_timing(headers.get("server-timing", ""))
     for name in ("queue", "run", "encode"):
         if name in timing:

@@ -12,40 +12,44 @@ from __future__ import annotations
 
 import math
 
+from .deployments import Deployment
 from .outcomes import NotReady
 from .request import GenerateJob, InvalidRequest
 from .state import ServerState
 
 
-def check_ready(state: ServerState) -> None:
-    """NotReady (503 + Retry-After) until warm-up has succeeded."""
-    if state.warmup is None:
+def check_ready(state: ServerState, d: Deployment | None = None) -> None:
+    """NotReady (503 + Retry-After) until the bundle's (default: the default bundle's) warm-up
+    has succeeded."""
+    d = d or state.deployment(None)
+    if d.warmup is None:
         raise NotReady("the server is warming up; retry in a few seconds")
-    if not state.ready and state.drain_deadline is None and not isinstance(state.warmup, dict):
+    if not d.ready:
         raise NotReady("warm-up failed (see the server log); this server cannot serve, retry "
                        "on another replica")
 
 
-def teacher_limit(state: ServerState) -> int:
-    """Most steps a teacher request may ask for here."""
-    cap = state.settings.max_teacher_steps or state.bundle.teacher_default_steps
-    return min(cap, state.bundle.teacher_max_steps)
+def teacher_limit(state: ServerState, d: Deployment | None = None) -> int:
+    """Most steps a teacher request may ask for here (of bundle d; default: the default)."""
+    bundle = (d or state.deployment(None)).bundle
+    cap = state.settings.max_teacher_steps or bundle.teacher_default_steps
+    return min(cap, bundle.teacher_max_steps)
 
 
-def check_request(state: ServerState, job: GenerateJob) -> None:
+def check_request(state: ServerState, job: GenerateJob, d: Deployment | None = None) -> None:
     """InvalidRequest (422) for a disabled teacher, too many teacher steps, or a request whose
-    predicted engine time is over max_request_s."""
-    settings = state.settings
+    predicted engine time is over max_request_s (job of bundle d; default: the default)."""
+    settings, d = state.settings, d or state.deployment(None)
     if job.model == "teacher":
         if settings.teacher == "off":
             raise InvalidRequest("model=teacher is turned off on this server (--teacher off); "
                                  "use model=student")
-        cap = teacher_limit(state)
+        cap = teacher_limit(state, d)
         if job.steps > cap:
             raise InvalidRequest(f"teacher steps={job.steps} is over this server's limit of "
                                  f"{cap} (--max-teacher-steps); ask for steps <= {cap}")
     limit = settings.max_request_s
-    cost = state.batcher.cost_s((job.model, job.steps), job.n)
+    cost = state.batcher.cost_s((d.name, job.model, job.steps), job.n)
     if cost <= limit:
         return
     per_image_step = cost / (job.n * job.steps)
@@ -54,8 +58,8 @@ def check_request(state: ServerState, job: GenerateJob) -> None:
         most_steps = math.floor(limit / (job.n * per_image_step))
         fixes = [f"steps <= {most_steps}" if most_steps >= 1 else None, "model=student"]
     else:
-        fitting = [s for s in state.bundle.student_steps
-                   if state.batcher.cost_s(("student", s), job.n) <= limit]
+        fitting = [s for s in d.bundle.student_steps
+                   if state.batcher.cost_s((d.name, "student", s), job.n) <= limit]
         fixes = [f"steps <= {max(fitting)} (a smaller student)" if fitting else None]
     fixes.insert(0, f"n <= {most_n}" if most_n >= 1 else None)
     raise InvalidRequest(

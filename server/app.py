@@ -7,9 +7,8 @@ bearer token, before any body is read (`auth.py`); body-size limit (`middleware.
 
 from __future__ import annotations
 
-import sys
+import math
 from importlib.resources import files
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -22,8 +21,14 @@ from halfstep.distill.bundle import Bundle
 from halfstep.engines.base import Engine
 
 from .access_log import RequestContext
+from .admin import router as admin_router
 from .auth import BearerAuth, auth_metrics_enabled
-from .embedded import exported_copy, load_bundle
+from .deployments import (  # noqa: F401  (build_engine, served_bundle: re-exported)
+    Deployment,
+    build_engine,
+    open_deployments,
+    served_bundle,
+)
 from .errors import REFUSALS, http_error, invalid_parameters, refused
 from .lifespan import lifespan
 from .middleware import BodyLimit, infer_body_bytes
@@ -31,57 +36,32 @@ from .oip import router as oip_router
 from .openapi_errors import declare_errors
 from .request import MAX_N
 from .routes import generate_router, router
-from .settings import Settings, batch_buckets
+from .settings import Settings
 from .state import ServerState
-
-
-def build_engine(settings: Settings, bundle: Bundle) -> Engine:
-    """The engine for `settings.backend`, with batch buckets 1, 2, 4, ... up to max_batch."""
-    from halfstep.engines.factory import make_engine
-
-    return make_engine(bundle, settings.backend, buckets=batch_buckets(settings.max_batch))
-
-
-def served_bundle(settings: Settings, export_cache: bool = False,
-                  cache_dir: Path | None = None) -> tuple[Bundle, Path | None]:
-    """(the bundle to serve, the directory it was exported from or None). With `export_cache`,
-    `--backend auto` on a CPU machine with onnxruntime serves a cached ONNX-exported copy of a
-    bundle that has no exports (built once, `embedded.exported_copy`), so auto picks ONNX
-    Runtime; anywhere else the bundle itself."""
-    from halfstep.engines.factory import missing_exports_only
-
-    bundle = load_bundle(settings.bundle)
-    if export_cache and settings.backend == "auto" and missing_exports_only(bundle):
-        try:
-            return exported_copy(bundle, cache_dir), bundle.root
-        except Exception as exc:  # exporting is an optimisation: serve on torch instead
-            print(f"halfstep: warning: could not export {bundle.root} to ONNX "
-                  f"({type(exc).__name__}: {exc}); serving it on eager torch", file=sys.stderr,
-                  flush=True)
-    return bundle, None
 
 
 def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
                engine: Engine | None = None, export_cache: bool = False) -> FastAPI:
-    """The ASGI app. Pass `engine` to serve a prebuilt (or instrumented) engine; export_cache:
-    see `served_bundle` (`halfstep serve` turns it on)."""
+    """The ASGI app for the settings' bundles (`deployments.open_deployments`). Pass `bundle`
+    or a prebuilt (or instrumented) `engine` to serve that one alone; export_cache: see
+    `deployments.served_bundle` (`halfstep serve` turns it on)."""
     settings = settings or Settings.from_env()
-    exported_from = None
-    if engine is not None:
-        bundle = engine.bundle
-    if bundle is None:
-        bundle, exported_from = served_bundle(settings, export_cache)
-    engine = engine or build_engine(settings, bundle)
+    if engine is not None or bundle is not None:
+        bundle = engine.bundle if engine is not None else bundle
+        deployments = [Deployment(bundle.name, str(bundle.root), bundle,
+                                  engine or build_engine(settings, bundle))]
+    else:
+        deployments = open_deployments(settings, export_cache)
+    largest = max((d.bundle.image_shape for d in deployments), key=math.prod)
 
     app = FastAPI(title="halfstep", version="1", lifespan=lifespan, docs_url=None,
                   redoc_url=None,
                   description="Few-step diffusion sampling within a per-request step budget.")
     add_offline_docs(app)
-    app.state.halfstep = ServerState(settings, bundle, engine)
-    app.state.exported_from = exported_from  # the bundle a cached exported copy was made of
+    app.state.halfstep = ServerState(settings, deployments, export_cache)
     # each add_middleware wraps the ones before it: RequestContext ends up outermost
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
-                       infer_max_bytes=infer_body_bytes(MAX_N, bundle.image_shape))
+                       infer_max_bytes=infer_body_bytes(MAX_N, largest))
     app.add_middleware(BearerAuth, api_key=settings.api_key,
                        auth_metrics=auth_metrics_enabled(settings))
     app.add_middleware(RequestContext)
@@ -92,6 +72,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None,
     app.include_router(router)
     app.include_router(generate_router(app.state.halfstep))
     app.include_router(oip_router)  # Open Inference Protocol v2 (KServe / Triton clients)
+    app.include_router(admin_router)  # POST /admin/reload
     declare_errors(app)
     return app
 

@@ -1,9 +1,14 @@
 """Scheduler: lanes -> earliest-deadline-first batch choice -> one engine thread.
 
-    /generate -> lanes (student,1) (student,4) (teacher,64) ... -> engine free: the lane with
-    the soonest `due`, after its window, runs <= max_batch images in the engine thread
+    /generate -> lanes (mnist,student,1) (mnist,student,4) (mnist,teacher,64) (other,...) ...
+    -> engine free: the lane with the soonest `due`, after its window, runs <= max_batch images
+    in the engine thread, on the engine its jobs were admitted for
 
-- Lanes: one per (model, steps) (`lanes.py`), each with its cost per image-step.
+- Lanes: one per (bundle, model, steps) (`lanes.py`), each with its cost per image-step. All
+  bundles share the one engine thread (one device), so the earliest-deadline choice spans them.
+- Engines: `engines` maps each bundle name to its current engine; a request is bound to that
+  engine when admitted, so a reload that swaps the entry (`set_engine`) leaves queued and running
+  requests on the old engine.
 - Batch formation happens when the engine frees up (or, idle, when a request arrives). The
   lane whose queued job has the earliest `due` goes next. A job's `due` is its own deadline
   (`deadline_s`, from deadline_ms) when given, else arrival + min(DUE_SLACK x its lane's batch
@@ -39,7 +44,7 @@ import torch
 from .engine_thread import EngineThread
 from .estimates import DUE_SLACK, Estimates  # noqa: F401  (DUE_SLACK re-exported)
 from .health import Health
-from .lanes import Job, Lane
+from .lanes import Job, Lane, LaneKey
 from .metrics import Metrics
 from .outcomes import (  # noqa: F401  (re-exported: the scheduler's outcomes)
     BatchFailed,
@@ -59,13 +64,14 @@ WATCHDOG_MIN_S = 5.0  # ... and over at least this long
 
 
 class Batcher(Estimates, Health):
-    def __init__(self, engine, max_batch: int, max_wait_s: float, max_queue: int,
+    def __init__(self, engines: dict, max_batch: int, max_wait_s: float, max_queue: int,
                  metrics: Metrics, wait_fraction: float = 0.1, *,
                  chunk_steps: int = CHUNK_STEPS, watchdog_factor: float = WATCHDOG_FACTOR,
                  watchdog_min_s: float = WATCHDOG_MIN_S, timeout_s: float = 30.0) -> None:
-        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.engines = dict(engines)  # bundle name -> the engine new requests are bound to
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.max_wait_s, self.wait_fraction, self.metrics = max_wait_s, wait_fraction, metrics
-        self.lanes: dict[tuple[str, int], Lane] = {}
+        self.lanes: dict[LaneKey, Lane] = {}
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -77,10 +83,14 @@ class Batcher(Estimates, Health):
         self.failure: str | None = None  # set when the scheduler can no longer serve
         self._last_chunk = False
         self._free_at, self._running_until = 0.0, 0.0  # last engine-free; running batch's end
-        self._expected: dict[tuple[str, int], int] = {}  # rows each lane expects (window)
+        self._expected: dict[LaneKey, int] = {}  # rows each lane expects (window)
         self._busy_s, self._busy_since = 0.0, time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
+    def set_engine(self, bundle: str, engine) -> None:
+        """Bind requests of `bundle` admitted from now on to `engine` (a reload's swap)."""
+        self.engines[bundle] = engine
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="halfstep-batcher")
         self._task.add_done_callback(self._loop_ended)
@@ -127,11 +137,12 @@ class Batcher(Estimates, Health):
         return self._closing
 
     # -- requests -------------------------------------------------------------------------
-    async def submit(self, key: tuple[str, int], noise: torch.Tensor, labels: torch.Tensor,
+    async def submit(self, key: LaneKey, noise: torch.Tensor, labels: torch.Tensor,
                      timeout_s: float, *, deadline_s: float | None = None,
                      max_backlog_s: float = 0.0) -> Result:
-        """Queue one request and wait for its images. deadline_s: it must be done by then
-        (refused at once if predicted not to be); max_backlog_s > 0 bounds queued work."""
+        """Queue one request of lane `key` = (bundle, model, steps) and wait for its images.
+        deadline_s: it must be done by then (refused at once if predicted not to be);
+        max_backlog_s > 0 bounds queued work."""
         if self.failure is not None:
             raise Unhealthy(f"{self.failure}; this server is restarting, retry elsewhere")
         if self._closing:
@@ -152,8 +163,10 @@ class Batcher(Estimates, Health):
             raise Overloaded(f"predicted completion {predicted * 1e3:.1f} ms misses the "
                              f"deadline {deadline_s * 1e3:.0f} ms", predicted - deadline_s)
         limit = timeout_s if deadline_s is None else min(timeout_s, deadline_s)
-        job = Job(key, noise, labels, now, now + limit, due, cost,
-                  asyncio.get_running_loop().create_future(), chunked=self._chunked(key))
+        engine = self.engines[key[0]]
+        job = Job(key, engine, noise, labels, now, now + limit, due, cost,
+                  asyncio.get_running_loop().create_future(),
+                  chunked=self._chunked(key, engine))
         self.lane(key).queue.append(job)
         self._gauges()
         self._wakeup.set()
@@ -196,14 +209,15 @@ class Batcher(Estimates, Health):
         m = self.metrics
         m.queue_depth.set(self.depth)
         for lane in self.lanes.values():
-            m.lane_queue_depth.labels(lane.label).set(len(lane.queue))
-            m.lane_backlog.labels(lane.label).set(lane.backlog_s)
+            m.lane_queue_depth.labels(lane.bundle, lane.label).set(len(lane.queue))
+            m.lane_backlog.labels(lane.bundle, lane.label).set(lane.backlog_s)
 
     # -- the batch loop -------------------------------------------------------------------
-    def _chunked(self, key: tuple[str, int]) -> bool:
+    def _chunked(self, key: LaneKey, engine) -> bool:
         """A teacher of more than chunk_steps steps, on an engine that can: run in chunks."""
-        chunkable = getattr(self.engine, "chunkable", None)
-        return key[0] == "teacher" and 0 < self.chunk_steps < key[1] and bool(
+        _, model, steps = key
+        chunkable = getattr(engine, "chunkable", None)
+        return model == "teacher" and 0 < self.chunk_steps < steps and bool(
             chunkable and chunkable("teacher"))
 
     def _next_lane(self) -> Lane | TeacherRun | None:
@@ -261,7 +275,7 @@ class Batcher(Estimates, Health):
                 job.state = "running"
             self._gauges()
             self._last_chunk = False
-            if self._chunked(lane.key):  # its first chunk runs at once (it is due first)
+            if batch[0].chunked:  # its first chunk runs at once (it is due first)
                 run = TeacherRun(lane, batch, torch.cat([j.noise for j in batch]),
                                  torch.cat([j.labels for j in batch]))
                 self.runs.append(run)
@@ -274,11 +288,11 @@ class Batcher(Estimates, Health):
             self._expected = {k: other.rows + (images if other is lane else 0)
                               for k, other in self.lanes.items()}
 
-    def _run(self, model: str, steps: int, noise: torch.Tensor,
+    def _run(self, engine, model: str, steps: int, noise: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
         """Engine thread: one engine call per max_batch rows, then the output-count check."""
         parts = [
-            self.engine.run(model, steps, noise[i: i + self.max_batch],
+            engine.run(model, steps, noise[i: i + self.max_batch],
                             labels[i: i + self.max_batch])
             for i in range(0, noise.shape[0], self.max_batch)
         ]

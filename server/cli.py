@@ -28,7 +28,9 @@ def bool_arg(raw: str) -> bool:
 
 
 OPTIONS = (  # flag, type, help; each also reads HALFSTEP_<NAME> (flag > env > default)
-    ("--bundle", str, "bundle directory (default: the embedded model)"),
+    ("--bundle", str, "bundle directory, or NAME=DIR; repeat it to serve several (the first is "
+                      "the default of /generate; env for several: HALFSTEP_BUNDLES=NAME=DIR,...)"
+                      " (default: the embedded model)"),
     ("--host", str, "address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every "
                     "interface, as the container image sets)"),
     ("--port", int, "port (default 8000)"),
@@ -68,7 +70,9 @@ def register(subparsers) -> None:
     for flag, kind, text in OPTIONS:
         env = "HALFSTEP_" + flag[2:].replace("-", "_").upper()
         choices = CHOICES.get(flag)
-        p.add_argument(flag, type=kind, default=None, choices=choices, help=f"{text} [{env}]")
+        many = {"action": "append"} if flag == "--bundle" else {}
+        p.add_argument(flag, type=kind, default=None, choices=choices, help=f"{text} [{env}]",
+                       **many)
     p.add_argument("--no-export-cache", dest="export_cache", action="store_false", default=None,
                    help="with --backend auto on CPU, serve a bundle without ONNX exports on eager "
                         "torch instead of on a copy exported once into $HALFSTEP_CACHE/exports "
@@ -96,10 +100,10 @@ def export_cache_enabled(flag: bool | None, environ=None) -> bool:
 def cmd_serve(args) -> int:
     from .settings import Settings
 
-    settings = Settings.from_env(**{
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag, _, _ in OPTIONS
-    })
+    values = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+              for flag, _, _ in OPTIONS}
+    bundles = values.pop("bundle")  # every --bundle, in order (None: from the environment)
+    settings = Settings.from_env(**values, bundles=tuple(bundles) if bundles else None)
     status = serve(settings, export_cache=export_cache_enabled(getattr(args, "export_cache",
                                                                        None)))
     leave(status)
@@ -127,6 +131,20 @@ def onnx_hint(settings, engine_name: str, bundle) -> str | None:
             f"Runtime is 3-5x faster at batch 1 on CPU: halfstep copy-bundle {bundle.root} DIR "
             f"&& halfstep export --bundle DIR --format onnx && halfstep serve --bundle DIR (or "
             f"let serve export it once: leave out --no-export-cache / {EXPORT_CACHE_ENV}=false)")
+
+
+def serving_line(state, d) -> str:
+    """What `serve` prints for one served bundle."""
+    from .admission import teacher_limit
+
+    b = d.bundle
+    teacher = ("teacher off" if state.settings.teacher == "off"
+               else f"teacher up to {teacher_limit(state, d)} steps")
+    exported = f" (its ONNX-exported copy of {d.exported_from}, cached)" if d.exported_from else ""
+    default = " (default)" if d.name == state.default and len(state.deployments) > 1 else ""
+    return (f"halfstep: serving bundle {d.name}{default} from {b.root}{exported}: students "
+            f"{', '.join(map(str, b.student_steps)) or 'none'}, {teacher}; backend "
+            f"{d.engine.name}, buckets {d.engine.used_buckets()}")
 
 
 class PortInUse(ValueError):
@@ -199,29 +217,19 @@ def serve(settings, engine=None, export_cache: bool | None = None) -> int:
     except BaseException:
         sock.close()
         raise
-    from .admission import teacher_limit
-
     state = app.state.halfstep
-    b = state.bundle
     where, url = bound_url(sock)
-    teacher = ("teacher off" if settings.teacher == "off"
-               else f"teacher up to {teacher_limit(state)} steps")
-    source = app.state.exported_from
-    exported = f" (its ONNX-exported copy of {source}, cached)" if source else ""
-    print(
-        f"halfstep: serving bundle {b.name} from {b.root}{exported}: students "
-        f"{', '.join(map(str, b.student_steps)) or 'none'}, {teacher}; "
-        f"backend {state.engine.name}, buckets {state.engine.used_buckets()}; "
-        f"auth {'on' if settings.api_key else 'off'}; at {url} (bound to {where}; "
-        f"playground /, docs /docs)",
-        flush=True,
-    )
+    lines = [serving_line(state, d) for d in state.deployments.values()]
+    lines[-1] += (f"; auth {'on' if settings.api_key else 'off'}; at {url} (bound to {where}; "
+                  f"playground /, docs /docs)")
+    print("\n".join(lines), flush=True)
     warning = exposure_warning(sock.getsockname()[0], settings.api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    hint = onnx_hint(settings, state.engine.name, b)
-    if hint:
-        print(hint, flush=True)
+    for d in state.deployments.values():
+        hint = onnx_hint(settings, d.engine.name, d.bundle)
+        if hint:
+            print(hint, flush=True)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         app, host=host, port=port, workers=1, log_level="info", log_config=log_config(),

@@ -73,9 +73,16 @@ class Client:
 
     def generate(self, steps: int | None = None, model: str | None = None, n: int | None = None,
                  seed: int | None = None, label: int | None = None,
-                 format: str | None = None) -> Generated:
-        params = _params(steps=steps, model=model, n=n, seed=seed, label=label, format=format)
+                 format: str | None = None, bundle: str | None = None) -> Generated:
+        params = _params(steps=steps, model=model, n=n, seed=seed, label=label, format=format,
+                         bundle=bundle)
         return _result(self.http.post("/generate", params=params))
+
+    def reload(self) -> dict:
+        """POST /admin/reload (needs the server's API key): each bundle's outcome."""
+        response = self.http.post("/admin/reload")
+        _raise_for(response)
+        return response.json()["bundles"]
 
     def models(self) -> dict:
         response = self.http.get("/v1/models")
@@ -113,9 +120,16 @@ class AsyncClient:
 
     async def generate(self, steps: int | None = None, model: str | None = None,
                        n: int | None = None, seed: int | None = None, label: int | None = None,
-                       format: str | None = None) -> Generated:
-        params = _params(steps=steps, model=model, n=n, seed=seed, label=label, format=format)
+                       format: str | None = None, bundle: str | None = None) -> Generated:
+        params = _params(steps=steps, model=model, n=n, seed=seed, label=label, format=format,
+                         bundle=bundle)
         return _result(await self.http.post("/generate", params=params))
+
+    async def reload(self) -> dict:
+        """POST /admin/reload (needs the server's API key): each bundle's outcome."""
+        response = await self.http.post("/admin/reload")
+        _raise_for(response)
+        return response.json()["bundles"]
 
     async def models(self) -> dict:
         response = await self.http.get("/v1/models")

@@ -74,8 +74,9 @@ def reject(request: Request, exc: Exception) -> JSONResponse:
         log.error("request failed: %s: %s", type(exc).__name__, exc)
     body = {"error": rule.message.format(exc=exc, request_id=current_request_id())}
     if rule.with_allowed:
-        body["allowed"] = allowed(state.bundle, teacher_limit(state),
-                                  state.settings.teacher == "off")
+        d = getattr(request.state, "deployment", None) or state.deployment(None)
+        body["allowed"] = allowed(d.bundle, teacher_limit(state, d),
+                                  state.settings.teacher == "off", list(state.deployments))
     headers = {**rule.headers, **getattr(exc, "headers", {})}  # e.g. a computed Retry-After
     return JSONResponse(body, rule.status, headers)
 

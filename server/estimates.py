@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import time
 
-from .lanes import Lane
+from .lanes import Lane, LaneKey
 
 DUE_SLACK = 4.0  # a job without its own deadline is due after 4 of its lane's batch times
 
 
 class Estimates:
-    lanes: dict[tuple[str, int], Lane]
+    lanes: dict[LaneKey, Lane]
     runs: list
     max_wait_s: float
     wait_fraction: float
@@ -26,24 +26,25 @@ class Estimates:
     _running_until: float
 
     # -- estimates ------------------------------------------------------------------------
-    def lane(self, key: tuple[str, int]) -> Lane:
+    def lane(self, key: LaneKey) -> Lane:
         return self.lanes[key] if key in self.lanes else self.lanes.setdefault(key, Lane(key))
 
-    def seed_run_times(self, run_s: dict[tuple[str, int], float]) -> None:
-        """Start lanes' estimates from the engine's warm-up timings (Engine.warm_run_s)."""
-        for key, seconds in run_s.items():
-            self.lane(key).seed(float(seconds))
+    def seed_run_times(self, bundle: str, run_s: dict[tuple[str, int], float]) -> None:
+        """Start a bundle's lanes' estimates from its engine's warm-up timings
+        (Engine.warm_run_s, keyed by (model, steps))."""
+        for (model, steps), seconds in run_s.items():
+            self.lane((bundle, model, steps)).seed(float(seconds))
 
     def _default_image_step_s(self) -> float:
         """For a lane never measured: the slowest known cost per image-step (cautious)."""
         known = [lane.image_step_s for lane in self.lanes.values() if lane.image_step_s]
         return max(known, default=0.0)
 
-    def cost_s(self, key: tuple[str, int], n: int) -> float:
+    def cost_s(self, key: LaneKey, n: int) -> float:
         """Predicted engine seconds of n images of `key`."""
         return self.lane(key).cost_s(n, self._default_image_step_s())
 
-    def wait_limit(self, key: tuple[str, int]) -> float:
+    def wait_limit(self, key: LaneKey) -> float:
         """How long a batch of `key` may wait for company (after engine-free or arrival)."""
         if self.wait_fraction == 0:
             return 0.0
@@ -63,12 +64,12 @@ class Estimates:
                        if due is None or run.due <= due)
         return max(0.0, self._running_until - now) + queued + part_run
 
-    def predict_s(self, key: tuple[str, int], n: int, deadline_s: float | None = None) -> float:
+    def predict_s(self, key: LaneKey, n: int, deadline_s: float | None = None) -> float:
         """Seconds until a request of n images of `key`, submitted now, would be done."""
         due = time.monotonic() + self._relative_due(key, n, deadline_s)
         return self.backlog_s(due) + self.cost_s(key, n)
 
-    def _relative_due(self, key: tuple[str, int], n: int, deadline_s: float | None,
+    def _relative_due(self, key: LaneKey, n: int, deadline_s: float | None,
                       timeout_s: float = math.inf) -> float:
         if deadline_s is not None:
             return deadline_s

@@ -1,4 +1,4 @@
-"""Lanes: one queue per (model, steps), with what the scheduler knows of its cost.
+"""Lanes: one queue per (bundle, model, steps), with what the scheduler knows of its cost.
 
 A lane's cost model is one number, `image_step_s`: seconds of engine time per image per
 sampler step, a moving average over its batches (`run_s / (rows x steps)`), started from the
@@ -8,7 +8,11 @@ image_step_s`. `batch_s` is the moving average of the lane's whole batch times (
 batching window is a fraction of).
 
 Labels for metrics are bounded: a student lane is its step count ("1", "2", "4", ...), every
-teacher step count is the one label "teacher" (clients choose teacher steps freely).
+teacher step count is the one label "teacher" (clients choose teacher steps freely); the bundle
+name is a label of its own (configuration, not client input).
+
+A job holds the engine it was admitted for: a reload that swaps a bundle's engine leaves queued
+and running jobs on the old one, and a batch only ever joins jobs of one engine.
 """
 
 from __future__ import annotations
@@ -16,21 +20,25 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 EMA_KEEP = 0.8  # weight of the old average per new batch: about the last 5 batches count
 
 
-def lane_label(key: tuple[str, int]) -> str:
-    """The bounded metric label of a (model, steps) key."""
-    model, steps = key
+LaneKey = tuple[str, str, int]  # (bundle, model, steps)
+
+
+def lane_label(model: str, steps: int) -> str:
+    """The bounded metric label of a lane's (model, steps)."""
     return "teacher" if model == "teacher" else str(steps)
 
 
 @dataclass(eq=False)
 class Job:
-    key: tuple[str, int]
+    key: LaneKey
+    engine: Any  # the Engine it runs on (the bundle's engine when it was admitted)
     noise: torch.Tensor
     labels: torch.Tensor
     enqueued: float
@@ -50,16 +58,17 @@ class Job:
 class Lane:
     """Queued jobs of one (model, steps), in arrival order, and the lane's timing estimates."""
 
-    def __init__(self, key: tuple[str, int]) -> None:
+    def __init__(self, key: LaneKey) -> None:
         self.key = key
-        self.label = lane_label(key)
+        self.bundle, self.model = key[0], key[1]
+        self.label = lane_label(key[1], key[2])
         self.queue: deque[Job] = deque()
         self.image_step_s: float | None = None  # None: neither warmed up nor run yet
         self.batch_s: float | None = None
 
     @property
     def steps(self) -> int:
-        return self.key[1]
+        return self.key[2]
 
     @property
     def rows(self) -> int:
@@ -94,10 +103,11 @@ class Lane:
 
     def take(self, max_rows: int) -> tuple[list[Job], int]:
         """The oldest queued job (even one over max_rows: the engine thread runs it in
-        max_rows chunks) and the later ones that still fit, in arrival order."""
+        max_rows chunks) and the later ones of the same engine that still fit, in arrival
+        order."""
         batch, rows = [], 0
         for job in self.queue:
-            if not batch or rows + job.n <= max_rows:
+            if not batch or (rows + job.n <= max_rows and job.engine is batch[0].engine):
                 batch.append(job)
                 rows += job.n
         return batch, rows
@@ -106,7 +116,7 @@ class Lane:
         """This lane's state for /v1/models: queued work and its latency estimate."""
         lone = self.cost_s(1, default_image_step_s)
         return {
-            "model": self.key[0], "steps": self.steps, "queued": len(self.queue),
+            "model": self.model, "steps": self.steps, "queued": len(self.queue),
             "backlog_ms": round(self.backlog_s * 1e3, 3),
             "image_step_ms": round((self.image_step_s or 0.0) * 1e3, 4),
             "batch_ms": round((self.batch_s or 0.0) * 1e3, 3),

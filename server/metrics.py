@@ -1,7 +1,8 @@
 """Prometheus metrics: base units (seconds), `_total` counters, every name prefixed `halfstep_`.
 
 One CollectorRegistry per app, so tests can build many apps in one process; one worker
-process per GPU means multiprocess mode is not needed. No per-request labels (seed, id).
+process per GPU means multiprocess mode is not needed. No per-request labels (seed, id); the
+`bundle` label is a served bundle's configured name (bounded by the configuration).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.request_duration = Histogram(
             "halfstep_request_duration_seconds",
-            "Time from a /generate request's arrival to its response, by model, lane (steps: "
-            "the student's step count, or teacher) and HTTP status",
-            ["model", "steps", "status"], buckets=LATENCY_BUCKETS, registry=r,
+            "Time from a /generate request's arrival to its response, by bundle, model, lane "
+            "(steps: the student's step count, or teacher) and HTTP status",
+            ["bundle", "model", "steps", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_wait = Histogram(
             "halfstep_queue_wait_seconds", "Time a request waited in the queue before its batch",
@@ -67,19 +68,22 @@ class Metrics:
             ["reason"], registry=r,
         )
         self.images = Counter(
-            "halfstep_images_generated", "Images returned to clients, by model", ["model"],
+            "halfstep_images_generated", "Images returned to clients, by bundle and model",
+            ["bundle", "model"],
             registry=r,
         )
         self.ready = Gauge(
             "halfstep_ready", "1 when warmed up and accepting work, else 0", registry=r,
         )
         self.lane_queue_depth = Gauge(
-            "halfstep_lane_queue_depth", "Requests waiting, by lane (student steps or teacher)",
-            ["lane"], registry=r,
+            "halfstep_lane_queue_depth",
+            "Requests waiting, by bundle and lane (student steps or teacher)",
+            ["bundle", "lane"], registry=r,
         )
         self.lane_backlog = Gauge(
             "halfstep_lane_backlog_seconds",
-            "Predicted engine seconds of the requests waiting, by lane", ["lane"], registry=r,
+            "Predicted engine seconds of the requests waiting, by bundle and lane",
+            ["bundle", "lane"], registry=r,
         )
         self.engine_busy = Counter(
             "halfstep_engine_busy_seconds", "Seconds the engine spent running batches",
@@ -92,15 +96,26 @@ class Metrics:
         )
         self.padded_rows = Counter(
             "halfstep_padded_rows", "Padding rows the engine ran beyond the requested images, "
-            "by lane", ["lane"], registry=r,
+            "by bundle and lane", ["bundle", "lane"], registry=r,
         )
         self.batch_predicted = Gauge(
             "halfstep_lane_batch_predicted_seconds",
-            "Predicted engine time of the lane's last batch", ["lane"], registry=r,
+            "Predicted engine time of the lane's last batch", ["bundle", "lane"],
+            registry=r,
         )
         self.batch_actual = Gauge(
             "halfstep_lane_batch_seconds", "Measured engine time of the lane's last batch",
-            ["lane"], registry=r,
+            ["bundle", "lane"], registry=r,
+        )
+        self.reloads = Counter(
+            "halfstep_reloads", "Bundle reloads by bundle and result (swapped: new weights "
+            "serving; unchanged; refused: the old ones keep serving)", ["bundle", "result"],
+            registry=r,
+        )
+        self.generation = Gauge(
+            "halfstep_bundle_generation",
+            "Weights generation each bundle serves: 1 at start, +1 per reload that swapped it",
+            ["bundle"], registry=r,
         )
         for reason in REJECT_REASONS:  # export zeros so rate() works from the first scrape
             self.rejected.labels(reason)

@@ -1,8 +1,9 @@
 """The Open Inference Protocol (v2, the KServe / Triton REST protocol) beside /generate.
 
-One model, named by the bundle. Inputs: SEED INT64 [n] (image i from seed SEED[i], the noise
-/generate draws for that seed) or NOISE FP32 [n, C, H, W] (the caller's own starting noise),
-and LABEL INT64 [n] (optional; -1 or absent: unconditional). Request parameters: `steps`
+One model per served bundle, named as the bundle is served (`POST /v2/repository/index` lists
+them, Triton's model repository extension). Inputs: SEED INT64 [n] (image i from seed SEED[i],
+the noise /generate draws for that seed) or NOISE FP32 [n, C, H, W] (the caller's own starting
+noise), and LABEL INT64 [n] (optional; -1 or absent: unconditional). Request parameters: `steps`
 (student: a budget, the largest student within it runs; teacher: exact), `model` (student or
 teacher), `deadline_ms`. Outputs: IMAGE UINT8 [n, H, W, C] (the default) and IMAGE_FP32 FP32
 [n, C, H, W] in [-1, 1]; the response parameters say the model and steps that ran. Inference
@@ -27,11 +28,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 import halfstep
+from halfstep.distill.bundle import Bundle
 from halfstep.distill.images import to_uint8
 from halfstep.distill.sampling import noise_for_seeds
 
-from .admission import check_ready, check_request
-from .batcher import Draining
+from .admission import check_ready
 from .errors import REFUSALS, reject
 from .oip_tensors import (
     HEADER_LENGTH,
@@ -50,7 +51,7 @@ from .request import (
     InvalidRequest,
     prepare,
 )
-from .routes import choose_student, record_request, submit_watching
+from .routes import record_request, run_job
 from .state import ServerState
 
 VERSION = "1"
@@ -61,6 +62,8 @@ PARAMETERS = ("steps", "model", "deadline_ms", "binary_data_output")
 # sent by Triton's clients on their own; accepted and ignored
 IGNORED_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start",
                                 "sequence_end"})
+
+WARMING = ("warming up", "warm-up failed (see the server log)")  # server-wide, any bundle
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
@@ -81,8 +84,9 @@ def refusal(request: Request, exc: Exception) -> JSONResponse:
 
 
 def unknown_model(state: ServerState, name: str, version: str | None) -> JSONResponse | None:
-    if name != state.bundle.name:
-        return error(404, f"unknown model {name!r}; this server serves {state.bundle.name!r}")
+    if name not in state.deployments:
+        return error(404, f"unknown model {name!r}; this server serves "
+                          f"{', '.join(map(repr, state.deployments))}")
     if version not in (None, "", VERSION):
         return error(404, f"model {name!r} has no version {version!r}; versions: {VERSION}")
     return None
@@ -106,6 +110,15 @@ async def ready(request: Request) -> dict | JSONResponse:
     return error(503, f"not ready: {why}") if why else {"ready": True}
 
 
+@router.post("/repository/index", summary="The served models (model repository extension)",
+             response_model=None)
+async def repository_index(request: Request) -> list[dict]:
+    state: ServerState = request.app.state.halfstep
+    return [{"name": name, "version": VERSION,
+             "state": "READY" if d.ready else "UNAVAILABLE" if d.warmup else "LOADING"}
+            for name, d in state.deployments.items()]
+
+
 @router.get("/models/{name}", summary="Model metadata",
             response_model=None)
 @router.get("/models/{name}/versions/{version}", summary="Model metadata",
@@ -116,7 +129,7 @@ async def model_metadata(request: Request, name: str,
     missing = unknown_model(state, name, version)
     if missing:
         return missing
-    c, h, w = state.bundle.image_shape
+    c, h, w = state.deployments[name].bundle.image_shape
     shapes = {"SEED": [-1], "LABEL": [-1], "NOISE": [-1, c, h, w], "IMAGE": [-1, h, w, c],
               "IMAGE_FP32": [-1, c, h, w]}
     return {
@@ -137,6 +150,8 @@ async def model_ready(request: Request, name: str,
     if missing:
         return missing
     why = state.not_ready_reason()
+    if state.deployments[name].ready and why in WARMING:
+        why = None  # this model is warm; another bundle is still warming up (or failed to)
     return error(503, f"not ready: {why}") if why else {"name": name, "ready": True}
 
 
@@ -152,17 +167,13 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         response = unknown_model(state, name, version)
         if response is not None:
             return response
-        check_ready(state)
+        d = state.deployments[name]
+        request.state.deployment = d
+        check_ready(state, d)
         body = await request.body()
         doc, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        job, wanted = await asyncio.to_thread(parse_infer, doc, binary, state)
-        check_request(state, job)  # teacher off or over its limit, cost over max_request_s
-        deadline_s = None if job.deadline_ms is None else job.deadline_ms / 1000
-        if deadline_s is not None and job.model == "student":
-            job = dataclasses.replace(job, steps=choose_student(state, job, deadline_s))
-        if state.batcher is None:
-            raise Draining("the server is not serving yet")
-        result = await submit_watching(request, state, job, deadline_s)
+        job, wanted = await asyncio.to_thread(parse_infer, doc, binary, d.bundle)
+        job, result = await run_job(request, state, d, job)
         request.state.n, request.state.batch_size = job.n, result.batch_images
         head = {"model_name": name, "model_version": VERSION, "id": str(doc.get("id", "")),
                 "parameters": {"model": job.model, "steps": job.steps}}
@@ -184,10 +195,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 
 
 def parse_infer(doc: dict[str, Any], binary: bytes,
-                state: ServerState) -> tuple[GenerateJob, list[OutputRequest]]:
-    """The job an infer request asks for (steps resolved as /generate resolves them, noise
-    drawn from the seeds) and the outputs it wants."""
-    bundle = state.bundle
+                bundle: Bundle) -> tuple[GenerateJob, list[OutputRequest]]:
+    """The job an infer request of `bundle` asks for (steps resolved as /generate resolves
+    them, noise drawn from the seeds) and the outputs it wants."""
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidRequest("'parameters' must be an object")

@@ -33,7 +33,7 @@ EXACT_DOC = ("student: demand a student with exactly `steps` steps (422 listing 
              "otherwise) instead of treating steps as a budget (default false)")
 
 
-FIELDS = ("steps", "model", "n", "seed", "label", "format", "deadline_ms", "exact")
+FIELDS = ("steps", "model", "n", "seed", "label", "format", "deadline_ms", "exact", "bundle")
 
 
 class InvalidRequest(ValueError):
@@ -50,10 +50,11 @@ def steps_doc(teacher_limit: int | None = None, teacher_off: bool = False) -> st
     return f"{STEPS_DOC}; teacher at most {teacher_limit} steps here (--max-teacher-steps)"
 
 
-def request_models(num_labels: int, steps_description: str = STEPS_DOC
-                   ) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The parameters for a bundle with `num_labels` labels, as (query model, body model);
-    `steps_description` documents `steps` (see `steps_doc`).
+def request_models(num_labels: int, steps_description: str = STEPS_DOC,
+                   bundles: list[str] | None = None) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The parameters for bundles with at most `num_labels` labels (each request's label is
+    checked against its own bundle in `prepare`), as (query model, body model);
+    `steps_description` documents `steps` (see `steps_doc`); `bundles`: the served names.
 
     Every field is optional. Both models have the same fields and bounds, and both refuse an
     unknown field (`unknown_field` says which, and what is allowed).
@@ -70,6 +71,8 @@ def request_models(num_labels: int, steps_description: str = STEPS_DOC
         format=(Literal["png", "json"] | None, Field(None, description="default png")),
         deadline_ms=(int | None, Field(None, ge=1, le=MAX_DEADLINE_MS, description=DEADLINE_DOC)),
         exact=(bool | None, Field(None, description=EXACT_DOC)),
+        bundle=(Literal[tuple(bundles)] | None if bundles else str | None,
+                Field(None, description="which served bundle (default: the first)")),
     )
 
     class GenerateBody(query):
@@ -110,6 +113,7 @@ class GenerateJob:
     labels: torch.Tensor
     deadline_ms: int | None = None  # latency deadline; steps is then the ceiling
     exact: bool = False  # student: exactly `steps`, never a smaller one (deadline_ms too)
+    bundle: str | None = None  # the served bundle's name, once resolved (None: the default)
 
 
 def prepare(p: dict[str, Any], bundle: Bundle) -> GenerateJob:
@@ -149,10 +153,11 @@ def student_steps(bundle: Bundle, requested: int | None, exact: bool = False) ->
     return bundle.student_for_budget(requested)
 
 
-def allowed(bundle: Bundle, teacher_limit: int | None = None,
-            teacher_off: bool = False) -> dict[str, Any]:
+def allowed(bundle: Bundle, teacher_limit: int | None = None, teacher_off: bool = False,
+            bundles: list[str] | None = None) -> dict[str, Any]:
     """What each parameter may be for this bundle on this server (its teacher limit, absent:
-    the bundle's teacher_max_steps; or the teacher turned off): sent with every 422."""
+    the bundle's teacher_max_steps; or the teacher turned off; the served bundle names): sent
+    with every 422."""
     b, k = bundle, bundle.num_labels
     limit = b.teacher_max_steps if teacher_limit is None else teacher_limit
     teacher = ("teacher: turned off on this server (--teacher off)" if teacher_off
@@ -165,4 +170,5 @@ def allowed(bundle: Bundle, teacher_limit: int | None = None,
         "label": f"0..{k - 1} or absent (unconditional)" if k else "absent (unconditional model)",
         "format": ["png", "json"],
         "deadline_ms": f"1..{MAX_DEADLINE_MS} or absent", "exact": "true or false (students)",
+        "bundle": bundles or [b.name],
     }

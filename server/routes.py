@@ -21,8 +21,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from .admission import check_ready, check_request, teacher_limit
-from .batcher import Overloaded, Result
+from .batcher import Draining, Overloaded, Result
 from .codec import backend_for, encode_response
+from .deployments import Deployment
 from .errors import REFUSALS, ClientGone, reject
 from .lanes import lane_label
 from .request import GenerateJob, merge, prepare, request_models, steps_doc
@@ -40,6 +41,8 @@ GENERATE_DOC = """Parameters come in the query or, equally, as a JSON body (not 
   `requested_steps`, `label` and `timings` (queue_s, run_s, encode_s, total_s).
 * Headers: `X-Halfstep-Steps` (steps used), `X-Halfstep-Seed`, `X-Halfstep-Model`,
   `Server-Timing` (queue, run, encode, and predicted vs. actual queue + run, in ms).
+* `bundle`: which served bundle (default: the first; `/v1/models` lists them); the response
+  header `X-Halfstep-Bundle` names the one that ran.
 * `deadline_ms` with model=student: the largest student within the step budget whose
   predicted completion (work scheduled ahead + its own batch) meets the deadline runs.
 * Limits: model=teacher may be turned off, and its steps capped (422 saying the limit); a
@@ -90,10 +93,12 @@ async def models(request: Request) -> dict:
 
 
 def generate_router(state: ServerState) -> APIRouter:
-    """POST /generate, its parameters bounded for the state's bundle and its `steps` saying
-    this server's teacher limit."""
+    """POST /generate, its parameters bounded for the served bundles and its `steps` saying
+    this server's teacher limit (of the default bundle)."""
     doc = steps_doc(teacher_limit(state), state.settings.teacher == "off")
-    query_model, body_model = request_models(state.bundle.num_labels, doc)
+    names = list(state.deployments)
+    most_labels = max(d.bundle.num_labels for d in state.deployments.values())
+    query_model, body_model = request_models(most_labels, doc, names)
     generate_routes = APIRouter()
 
     @generate_routes.post(
@@ -117,22 +122,22 @@ async def answer_generate(request: Request, query: BaseModel,
     started = time.perf_counter()
     job, response = None, None
     try:
-        check_ready(state)
+        params = merge(query, body)
+        d = state.deployment(params.get("bundle"))
+        request.state.deployment = d  # a 422 lists what this bundle allows
+        check_ready(state, d)
         # drawing n noise tensors and encoding PNGs are CPU work: off the event loop
-        job = await asyncio.to_thread(prepare, merge(query, body), state.bundle)
-        check_request(state, job)
-        deadline_s = _deadline_s(job)
-        if deadline_s is not None and job.model == "student":
-            job = dataclasses.replace(job, steps=choose_student(state, job, deadline_s))
-        result = await submit_watching(request, state, job, deadline_s)
+        job = await asyncio.to_thread(prepare, params, d.bundle)
+        job, result = await run_job(request, state, d, job)
         request.state.n, request.state.batch_size = job.n, result.batch_images
         response = await encode_off_loop(encode_response(
-            job, result.images, backend=backend_for(state.engine, job.model),
+            job, result.images, backend=backend_for(d.engine, job.model),
             queue_s=result.queue_s, run_s=result.run_s, started=started))
         timing = (f"predicted;dur={result.predicted_s * 1e3:.2f}, "
                   f"actual;dur={(result.queue_s + result.run_s) * 1e3:.2f}")
         earlier = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = f"{earlier}, {timing}" if earlier else timing
+        response.headers["X-Halfstep-Bundle"] = d.name
     except REFUSALS as exc:
         response = reject(request, exc)
     finally:
@@ -140,22 +145,38 @@ async def answer_generate(request: Request, query: BaseModel,
     return response
 
 
+async def run_job(request: Request, state: ServerState, d: Deployment,
+                  job: GenerateJob) -> tuple[GenerateJob, Result]:
+    """The part of a request's path shared by /generate and the inference protocol: check
+    the job against this server's limits, let deadline_ms pick the student, queue it in its
+    bundle's lane and wait for its images. Returns the job as it ran (steps, bundle)."""
+    job = dataclasses.replace(job, bundle=d.name)
+    check_request(state, job, d)  # teacher off or over its limit, cost over max_request_s
+    deadline_s = _deadline_s(job)
+    if deadline_s is not None and job.model == "student":
+        job = dataclasses.replace(job, steps=choose_student(state, d, job, deadline_s))
+    if state.batcher is None:
+        raise Draining("the server is not serving yet")
+    return job, await submit_watching(request, state, job, deadline_s)
+
+
 def _deadline_s(job: GenerateJob) -> float | None:
     deadline_ms = getattr(job, "deadline_ms", None)
     return None if deadline_ms is None else deadline_ms / 1000
 
 
-def choose_student(state: ServerState, job: GenerateJob, deadline_s: float) -> int:
-    """The largest student within the job's step ceiling predicted to finish by deadline_s
-    (with exact=true, only the job's own student); Overloaded (503 + Retry-After) when not
-    even the fewest-step student is."""
+def choose_student(state: ServerState, d: Deployment, job: GenerateJob,
+                   deadline_s: float) -> int:
+    """The largest student of bundle d within the job's step ceiling predicted to finish by
+    deadline_s (with exact=true, only the job's own student); Overloaded (503 + Retry-After)
+    when not even the fewest-step student is."""
     batcher = state.batcher
-    students = sorted((s for s in state.bundle.student_steps if s <= job.steps), reverse=True)
+    students = sorted((s for s in d.bundle.student_steps if s <= job.steps), reverse=True)
     if job.exact:
         students = [job.steps]
     predicted = 0.0
     for steps in students:
-        predicted = batcher.predict_s(("student", steps), job.n, deadline_s)
+        predicted = batcher.predict_s((d.name, "student", steps), job.n, deadline_s)
         if predicted <= deadline_s:
             return steps
     raise Overloaded(f"no student meets deadline_ms={deadline_s * 1e3:.0f}: the fastest is "
@@ -193,19 +214,21 @@ def record_request(state: ServerState, job: GenerateJob | None, status: int,
     The steps label is the lane (student steps, or "teacher"): never a raw client value."""
     state.metrics.requests.labels(str(status)).inc()
     if job is not None:
+        bundle = job.bundle or state.default
         state.metrics.request_duration.labels(
-            job.model, lane_label((job.model, job.steps)), str(status)
+            bundle, job.model, lane_label(job.model, job.steps), str(status)
         ).observe(time.perf_counter() - started)
         if status == 200:
-            state.metrics.images.labels(job.model).inc(job.n)
+            state.metrics.images.labels(bundle, job.model).inc(job.n)
 
 
 async def submit_watching(request: Request, state: ServerState, job: GenerateJob,
-                           deadline_s: float | None = None) -> Result:
-    """Queue the job; if the client disconnects first, cancel it so it never runs."""
+                          deadline_s: float | None = None) -> Result:
+    """Queue the job in its bundle's lane; if the client disconnects first, cancel it so it
+    never runs."""
     submit = asyncio.ensure_future(state.batcher.submit(
-        (job.model, job.steps), job.noise, job.labels, state.settings.timeout_s,
-        deadline_s=deadline_s,
+        (job.bundle or state.default, job.model, job.steps), job.noise, job.labels,
+        state.settings.timeout_s, deadline_s=deadline_s,
         max_backlog_s=float(getattr(state.settings, "max_backlog_s", 0.0) or 0.0)))
     gone = asyncio.ensure_future(_disconnected(request))
     try:

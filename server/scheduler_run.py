@@ -49,6 +49,10 @@ class TeacherRun:
         return sum(job.n for job in self.jobs)
 
     @property
+    def engine(self):
+        return self.jobs[0].engine  # a batch only ever joins jobs of one engine
+
+    @property
     def due(self) -> float:
         return min(job.due for job in self.jobs)
 
@@ -113,8 +117,8 @@ def _record(b: Batcher, lane: Lane, rows: int, run_s: float, predicted: float,
             steps: int | None = None) -> None:
     m = b.metrics
     m.batch_duration.observe(run_s)
-    m.batch_predicted.labels(lane.label).set(predicted)
-    m.batch_actual.labels(lane.label).set(run_s)
+    m.batch_predicted.labels(lane.bundle, lane.label).set(predicted)
+    m.batch_actual.labels(lane.bundle, lane.label).set(run_s)
     lane.observe(rows, run_s, steps)
 
 
@@ -122,18 +126,21 @@ async def execute(b: Batcher, lane: Lane, batch: list[Job], images: int) -> None
     """Run `batch` (images in all) of `lane` whole and answer each of its jobs."""
     m = b.metrics
     started = time.monotonic()
-    model, steps = lane.key
+    _, model, steps = lane.key
+    engine = batch[0].engine
     predicted = lane.cost_s(images, b._default_image_step_s())
     for job in batch:
         m.queue_wait.observe(started - job.enqueued)
         job.started = started
     m.batch_size.observe(images)
-    m.padded_rows.labels(lane.label).inc(padded_rows(b.engine, model, images, b.max_batch))
+    added = padded_rows(engine, model, images, b.max_batch)
+    m.padded_rows.labels(lane.bundle, lane.label).inc(added)
     noise = torch.cat([job.noise for job in batch])
     labels = torch.cat([job.labels for job in batch])
     b.running = batch
     try:
-        out = await guarded(b, lane, predicted, b._run, model, steps, noise, labels)
+        out = await guarded(b, lane, predicted, b._run, engine, model, steps, noise,
+                            labels)
     except Stalled as exc:
         _fail_all(b, batch, Unhealthy(f"{exc}; this server is restarting, retry elsewhere"))
         return
@@ -166,7 +173,7 @@ async def execute_chunk(b: Batcher, run: TeacherRun) -> None:
         b.metrics.batch_size.observe(rows)
     predicted = run.remaining_s(b._default_image_step_s()) * (stop - start) / (lane.steps - start)
     try:
-        run.z = await guarded(b, lane, predicted, b.engine.run_chunk, "teacher", lane.steps,
+        run.z = await guarded(b, lane, predicted, run.engine.run_chunk, "teacher", lane.steps,
                               run.z, run.labels, start, stop)
     except Exception as exc:
         b.runs.remove(run)

@@ -28,7 +28,8 @@ def parse_bool(raw: str) -> bool:
 
 @dataclass
 class Settings:
-    bundle: str | None = None
+    bundle: str | None = None  # one bundle: [NAME=]DIR (HALFSTEP_BUNDLE)
+    bundles: tuple[str, ...] | str | None = None  # several: [NAME=]DIR each (HALFSTEP_BUNDLES)
     host: str = "127.0.0.1"  # this machine only; the container image sets 0.0.0.0
     port: int = 8000
     backend: str = "auto"
@@ -69,6 +70,11 @@ class Settings:
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name} must be in {allowed}, got {getattr(self, name)}")
+        if isinstance(self.bundles, str):  # HALFSTEP_BUNDLES: comma-separated specs
+            self.bundles = tuple(part.strip() for part in self.bundles.split(",") if part.strip())
+        if self.bundle and self.bundles:
+            raise ValueError("give the bundle once: HALFSTEP_BUNDLE (one) or HALFSTEP_BUNDLES "
+                             "(several, NAME=DIR,NAME=DIR), not both")
         if self.api_key is not None and not self.api_key.strip():
             self.api_key = None  # an empty HALFSTEP_API_KEY means "no auth", not "empty token"
 
@@ -81,8 +87,18 @@ class Settings:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
                 values[f.name] = _parse(f.name, f.type, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "bundle" in given or "bundles" in given:  # --bundle replaces both variables
+            values.pop("bundle", None)
+            values.pop("bundles", None)
+        values.update(given)
         return cls(**values)
+
+    def bundle_specs(self) -> tuple[str, ...]:
+        """The bundles to serve as `[NAME=]DIR` texts; () means the embedded bundle."""
+        if self.bundles:
+            return tuple(self.bundles)
+        return (self.bundle,) if self.bundle else ()
 
 
 def _parse(name: str, type_name, raw: str):

@@ -1,38 +1,83 @@
-"""What one app instance serves: settings, bundle, engine, metrics, batcher and readiness.
+"""What one app instance serves: settings, its bundles (deployments), metrics, the batcher
+and readiness.
 
 Stored on `app.state.halfstep`; the routes, the lifespan and the error handlers read it there.
+`bundle` and `engine` are the default (first) deployment's; a request names another with
+`bundle=`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from halfstep.distill.bundle import Bundle
 from halfstep.engines.base import Engine
 
 from .batcher import Batcher
+from .deployments import Deployment
 from .metrics import Metrics
-from .request import MAX_N
+from .request import MAX_N, InvalidRequest
 from .settings import Settings
 
 
 class ServerState:
     """Everything one app instance serves. The batcher exists while the app runs (lifespan)."""
 
-    def __init__(self, settings: Settings, bundle: Bundle, engine: Engine) -> None:
-        self.settings, self.bundle, self.engine = settings, bundle, engine
+    def __init__(self, settings: Settings, deployments: list[Deployment],
+                 export_cache: bool = False) -> None:
+        self.settings = settings
+        self.export_cache = export_cache  # a reload serves exported copies as start-up did
+        self.deployments: dict[str, Deployment] = {d.name: d for d in deployments}
+        self.default = deployments[0].name
         self.metrics = Metrics()
-        self.max_batch = min(settings.max_batch, engine.max_batch or settings.max_batch)
+        engine_max = [d.engine.max_batch for d in deployments if d.engine.max_batch]
+        self.max_batch = min([settings.max_batch, *engine_max])
         self.batcher: Batcher | None = None
-        self.ready = False
-        self.warmup: dict | str | None = None  # info dict when done, error text when it failed
         self.drain_deadline: float | None = None  # monotonic end of the drain, once draining
+        self.reload_lock = asyncio.Lock()  # one reload at a time
+        for d in deployments:
+            self.metrics.generation.labels(d.name).set(d.generation)
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.deployments[self.default].bundle
+
+    @property
+    def engine(self) -> Engine:
+        return self.deployments[self.default].engine
+
+    def deployment(self, name: str | None) -> Deployment:
+        """The deployment serving `name` (None: the default); InvalidRequest naming the
+        served bundles otherwise."""
+        if name is None:
+            return self.deployments[self.default]
+        if name not in self.deployments:
+            raise InvalidRequest(f"unknown bundle {name!r}; this server serves "
+                                 f"{', '.join(self.deployments)}")
+        return self.deployments[name]
+
+    @property
+    def ready(self) -> bool:
+        return all(d.ready for d in self.deployments.values())
+
+    @property
+    def warmup(self) -> dict | str | None:
+        """None while any bundle warms up; the first failure's text; else the warm-up info
+        (one bundle: its own dict; several: a dict by bundle name)."""
+        infos = {name: d.warmup for name, d in self.deployments.items()}
+        if any(info is None for info in infos.values()):
+            return None
+        failed = [f"{name}: {info}" if len(infos) > 1 else info
+                  for name, info in infos.items() if isinstance(info, str)]
+        if failed:
+            return failed[0]
+        return infos[self.default] if len(infos) == 1 else infos
 
     def begin_drain(self) -> None:
         """SIGTERM: not ready from now on; new work gets 503 Draining, accepted work runs."""
         if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.settings.drain_s
-        self.ready = False
         self.metrics.ready.set(0)
         if self.batcher is not None:
             self.batcher.begin_drain()
@@ -45,8 +90,10 @@ class ServerState:
 
     def unhealthy_reason(self) -> str | None:
         """Why /healthz answers 503 (restart this process), or None while it can serve."""
-        if self.engine.failure:
-            return f"engine failed: {self.engine.failure}"
+        for d in self.deployments.values():
+            if d.engine.failure:
+                where = f" (bundle {d.name})" if len(self.deployments) > 1 else ""
+                return f"engine failed{where}: {d.engine.failure}"
         if self.batcher is not None and self.batcher.failure:
             return self.batcher.failure
         return None
@@ -67,29 +114,32 @@ class ServerState:
         return "not started" if b is None else None
 
     def models_info(self) -> dict:
-        """What /v1/models answers: the bundle's shape and steps, and how it is served."""
-        b = self.bundle
+        """What /v1/models answers: the default bundle's fields at the top level (one-bundle
+        clients read those), every served bundle under `bundles`, and the default's name."""
+        bundles = [self.bundle_info(d) for d in self.deployments.values()]
+        return {**bundles[0], "default": self.default, "bundles": bundles}
+
+    def bundle_info(self, d: Deployment) -> dict:
+        """One bundle's shape and steps, how it is served, and its lanes."""
+        b, e = d.bundle, d.engine
         return {
-            "name": b.name, "image_shape": list(b.image_shape), "num_labels": b.num_labels,
+            "name": d.name, "image_shape": list(b.image_shape), "num_labels": b.num_labels,
             "student_steps": b.student_steps, "teacher_default_steps": b.teacher_default_steps,
-            "teacher_max_steps": b.teacher_max_steps, "backend": self.engine.name,
-            "batch_buckets": self._buckets(), "max_batch": self.max_batch, "max_n": MAX_N,
-            "lanes": self.lanes_info(),
+            "teacher_max_steps": b.teacher_max_steps, "backend": e.name,
+            # batch sizes the engine pads to; [] when it runs any size (batch-invariant rows)
+            "batch_buckets": e.used_buckets() if e.buckets and not e.batch_invariant else [],
+            "max_batch": self.max_batch, "max_n": MAX_N, "generation": d.generation,
+            "sha256": d.digest, "lanes": self.lanes_info(d),
         }
 
-    def _buckets(self) -> list[int]:
-        """Batch sizes the engine pads to; [] when it runs any size (no buckets, or
-        batch-invariant rows: exactly n, at least min_rows)."""
-        e = self.engine
-        return e.used_buckets() if e.buckets and not e.batch_invariant else []
-
-    def lanes_info(self) -> dict[str, dict]:
-        """Each student lane (and every teacher lane seen) with its queued work and latency
-        estimate; empty before the batcher starts."""
-        b = self.batcher
+    def lanes_info(self, d: Deployment | None = None) -> dict[str, dict]:
+        """Each student lane of a bundle (default: the default one), and every teacher lane
+        seen, with its queued work and latency estimate; empty before the batcher starts."""
+        b, d = self.batcher, d or self.deployments[self.default]
         if b is None:
             return {}
-        for steps in self.bundle.student_steps:
-            b.lane(("student", steps))
+        for steps in d.bundle.student_steps:
+            b.lane((d.name, "student", steps))
         default = b._default_image_step_s()
-        return {f"{m}:{s}": lane.info(default) for (m, s), lane in sorted(b.lanes.items())}
+        return {f"{m}:{s}": lane.info(default)
+                for (name, m, s), lane in sorted(b.lanes.items()) if name == d.name}

@@ -41,9 +41,11 @@ def tiny_denoiser(seed: int = 0, **overrides) -> Denoiser:
     return Denoiser(tiny_config(**overrides)).eval()
 
 
-def build_tiny_bundle(root: Path, steps=TINY_STUDENT_STEPS, name: str = "tiny") -> Path:
-    """A bundle of randomly initialised tiny networks (one per student): fast, fully valid."""
-    teacher = tiny_denoiser(0)
+def build_tiny_bundle(root: Path, steps=TINY_STUDENT_STEPS, name: str = "tiny",
+                      seed: int = 0, **config) -> Path:
+    """A bundle of randomly initialised tiny networks (one per student): fast, fully valid.
+    Another `seed` gives other weights of the same shapes; `config` overrides tiny_config."""
+    teacher = tiny_denoiser(seed, **config)
     create_bundle(
         root,
         name,
@@ -54,7 +56,8 @@ def build_tiny_bundle(root: Path, steps=TINY_STUDENT_STEPS, name: str = "tiny") 
         configs={"note": "random weights for tests"},
     )
     for i, n in enumerate(steps):
-        add_student(root, n, tiny_denoiser(i + 1).unet.state_dict(), {"distilled_from": 2 * n})
+        add_student(root, n, tiny_denoiser(seed + i + 1, **config).unet.state_dict(),
+                    {"distilled_from": 2 * n})
     return root
 
 

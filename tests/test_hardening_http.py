@@ -11,7 +11,7 @@ import httpx
 from halfstep.distill.bundle import Bundle
 from halfstep.server.settings import Settings
 
-from .test_server_support import InstrumentedEngine, make_app, serving
+from .test_server_support import InstrumentedEngine, lane_of, make_app, serving
 
 
 def test_teacher_limits_and_the_cost_cap(tiny_bundle_dir):
@@ -25,7 +25,7 @@ def test_teacher_limits_and_the_cost_cap(tiny_bundle_dir):
         app.state.halfstep.settings.max_teacher_steps = 64
         allowed = c.post("/generate", params={"model": "teacher", "steps": 24})
         for steps in (1, 2, 4, 8):  # pretend 8 s per image-step: n=4 at 8 steps is 256 s
-            app.state.halfstep.batcher.lane(("student", steps)).image_step_s = 8.0
+            lane_of(app, steps).image_step_s = 8.0
         costly = c.post("/generate", params={"steps": 8, "n": 4})
         fits = c.post("/generate", params={"steps": 1, "n": 1, "exact": True})
     assert ok.status_code == 200 and allowed.status_code == 200
@@ -87,7 +87,7 @@ def test_a_stalled_batch_turns_liveness_off(tiny_bundle_dir):
     with serving(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         assert c.get("/healthz").status_code == 200
         app.state.halfstep.batcher.watchdog_min_s = 0.3
-        app.state.halfstep.batcher.lane(("student", 1)).image_step_s = 0.001
+        lane_of(app, 1).image_step_s = 0.001
         with engine.held():
             stalled = c.post("/generate", params={"steps": 1})
             health, ready = c.get("/healthz"), c.get("/readyz")
@@ -110,7 +110,7 @@ def test_exact_with_deadline_never_drops_to_a_smaller_student(tiny_bundle_dir):
     app, _ = make_app(tiny_bundle_dir, max_request_s=1000.0)
     with serving(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         for steps in (1, 2, 4, 8):  # 8 steps: 80 s; 2 steps: 20 s
-            app.state.halfstep.batcher.lane(("student", steps)).image_step_s = 10.0
+            lane_of(app, steps).image_step_s = 10.0
         budget = c.post("/generate", params={"steps": 8, "deadline_ms": 20_000})
         exact = c.post("/generate", params={"steps": 8, "deadline_ms": 20_000, "exact": True})
     assert budget.status_code == 200 and budget.headers["x-halfstep-steps"] == "2"  # 20 s

@@ -50,7 +50,7 @@ def inputs(n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def make(engine, **kw) -> Batcher:
     args = dict(max_batch=8, max_wait_s=0.0, max_queue=64, metrics=Metrics(), wait_fraction=0.0)
     args.update(kw)
-    return Batcher(engine, **args)
+    return Batcher({"m": engine}, **args)
 
 
 def test_teacher_runs_in_chunks_with_students_in_between():
@@ -59,10 +59,10 @@ def test_teacher_runs_in_chunks_with_students_in_between():
     async def scenario():
         b = make(engine, chunk_steps=8)
         b.start()
-        teacher = asyncio.create_task(b.submit(("teacher", 64), *inputs(2), 30.0))
+        teacher = asyncio.create_task(b.submit(("m", "teacher", 64), *inputs(2), 30.0))
         while not engine.calls:
             await asyncio.sleep(0.001)
-        students = [await b.submit(("student", 1), *inputs(), 30.0) for _ in range(3)]
+        students = [await b.submit(("m", "student", 1), *inputs(), 30.0) for _ in range(3)]
         result = await teacher
         await b.close(5)
         return result, students
@@ -85,7 +85,7 @@ def test_teacher_past_its_deadline_stops_at_the_next_chunk():
         b.start()
         t0 = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="past its deadline"):
-            await b.submit(("teacher", 64), *inputs(), 0.3)
+            await b.submit(("m", "teacher", 64), *inputs(), 0.3)
         answered = time.monotonic() - t0
         await asyncio.sleep(0.5)
         idle = b.idle
@@ -103,7 +103,7 @@ def test_a_teacher_whose_client_left_is_dropped_at_the_next_chunk():
     async def scenario():
         b = make(engine, chunk_steps=4)
         b.start()
-        task = asyncio.create_task(b.submit(("teacher", 64), *inputs(), 30.0))
+        task = asyncio.create_task(b.submit(("m", "teacher", 64), *inputs(), 30.0))
         await asyncio.sleep(0.2)
         task.cancel()
         await asyncio.sleep(0.4)
@@ -119,15 +119,15 @@ def test_watchdog_fails_a_stalled_batch_and_the_scheduler():
 
     async def scenario():
         b = make(engine, watchdog_factor=10, watchdog_min_s=0.2)
-        b.seed_run_times({("student", 1): 0.001})
+        b.seed_run_times("m", {("student", 1): 0.001})
         b.start()
         engine.gate.clear()  # the next run hangs
         t0 = time.monotonic()
         with pytest.raises(Unhealthy, match="engine stalled"):
-            await b.submit(("student", 1), *inputs(), 30.0)
+            await b.submit(("m", "student", 1), *inputs(), 30.0)
         took = time.monotonic() - t0
         with pytest.raises(Unhealthy):
-            await b.submit(("student", 1), *inputs(), 30.0)
+            await b.submit(("m", "student", 1), *inputs(), 30.0)
         engine.gate.set()
         failure = b.failure
         await b.close(1)
@@ -156,7 +156,7 @@ def test_the_batch_loop_ending_fails_the_scheduler(error):
     async def scenario():
         b = make(engine)
         b.start()
-        await b.submit(("student", 1), *inputs(), 30.0)
+        await b.submit(("m", "student", 1), *inputs(), 30.0)
 
         def broken():
             raise error
@@ -165,7 +165,7 @@ def test_the_batch_loop_ending_fails_the_scheduler(error):
         b._wakeup.set()
         await asyncio.sleep(0.05)
         with pytest.raises(Unhealthy, match="batch loop crashed"):
-            await b.submit(("student", 1), *inputs(), 30.0)
+            await b.submit(("m", "student", 1), *inputs(), 30.0)
         return b.failure
 
     assert type(error).__name__ in asyncio.run(scenario())

@@ -46,7 +46,7 @@ def make(engine, **kw) -> Batcher:
     args = dict(max_batch=64, max_wait_s=0.05, max_queue=256, metrics=Metrics(),
                 wait_fraction=1.0)
     args.update(kw)
-    return Batcher(engine, **args)
+    return Batcher({"m": engine}, **args)
 
 
 def test_returning_clients_merge_into_one_batch():
@@ -62,7 +62,7 @@ def test_returning_clients_merge_into_one_batch():
         async def client(delay: float):
             await asyncio.sleep(delay)
             for _ in range(8):
-                await b.submit(("student", 4), *noise(), timeout_s=10)
+                await b.submit(("m", "student", 4), *noise(), timeout_s=10)
                 await asyncio.sleep(0.001)  # encode + the next request on its way back
 
         await asyncio.gather(*[client(0.0 if i < 8 else 0.01) for i in range(16)])
@@ -110,14 +110,14 @@ def test_earliest_deadline_first_between_lanes():
 
     async def scenario():
         b = make(engine, wait_fraction=0.0)
-        b.seed_run_times({("student", 1): 0.01, ("student", 16): 0.16, ("student", 2): 0.02})
+        b.seed_run_times("m", {("student", 1): 0.01, ("student", 16): 0.16, ("student", 2): 0.02})
         b.start()
         engine.gate.clear()
-        blocker = asyncio.create_task(b.submit(("student", 2), *noise(), timeout_s=10))
+        blocker = asyncio.create_task(b.submit(("m", "student", 2), *noise(), timeout_s=10))
         assert await asyncio.to_thread(engine.entered.wait, 10)
-        slow = asyncio.create_task(b.submit(("student", 16), *noise(), timeout_s=10))
+        slow = asyncio.create_task(b.submit(("m", "student", 16), *noise(), timeout_s=10))
         await asyncio.sleep(0.01)
-        fast = asyncio.create_task(b.submit(("student", 1), *noise(), timeout_s=10))
+        fast = asyncio.create_task(b.submit(("m", "student", 1), *noise(), timeout_s=10))
         await asyncio.sleep(0.01)
         engine.gate.set()
         await asyncio.gather(blocker, slow, fast)
@@ -132,21 +132,21 @@ def test_admission_by_cost_refuses_with_retry_after():
 
     async def scenario():
         b = make(engine)
-        b.seed_run_times({("student", 4): 0.4})  # 0.1 s per image-step
+        b.seed_run_times("m", {("student", 4): 0.4})  # 0.1 s per image-step
         b.start()
         engine.gate.clear()
-        first = asyncio.create_task(b.submit(("student", 4), *noise(2), timeout_s=30,
+        first = asyncio.create_task(b.submit(("m", "student", 4), *noise(2), timeout_s=30,
                                              max_backlog_s=2.0))
         await asyncio.sleep(0.01)
         assert b.backlog_s() == pytest.approx(0.8, abs=0.01) or engine.entered.is_set()
         with pytest.raises(Overloaded) as err:  # 0.8 queued or running + 1.6 > 2.0
-            await b.submit(("student", 4), *noise(4), timeout_s=30, max_backlog_s=2.0)
-        ok = asyncio.create_task(b.submit(("student", 4), *noise(1), timeout_s=30,
+            await b.submit(("m", "student", 4), *noise(4), timeout_s=30, max_backlog_s=2.0)
+        ok = asyncio.create_task(b.submit(("m", "student", 4), *noise(1), timeout_s=30,
                                           max_backlog_s=2.0))  # 0.8 + 0.4 fits
         await asyncio.sleep(0.01)
         engine.gate.set()
         await asyncio.gather(first, ok)
-        unbounded = await b.submit(("student", 4), *noise(8), timeout_s=30)
+        unbounded = await b.submit(("m", "student", 4), *noise(8), timeout_s=30)
         await b.close(5)
         return err.value, unbounded
 
@@ -160,19 +160,20 @@ def test_deadline_picks_the_largest_student_that_fits_as_the_backlog_grows():
 
     async def scenario():
         b = make(engine)
-        b.seed_run_times({("student", s): 0.1 * s for s in (1, 2, 4, 8)})
-        state = SimpleNamespace(batcher=b, bundle=SimpleNamespace(student_steps=[1, 2, 4, 8]))
+        b.seed_run_times("m", {("student", s): 0.1 * s for s in (1, 2, 4, 8)})
+        state = SimpleNamespace(batcher=b)
+        d = SimpleNamespace(name="m", bundle=SimpleNamespace(student_steps=[1, 2, 4, 8]))
         job = SimpleNamespace(steps=8, n=1, exact=False)
-        chosen = [choose_student(state, job, 1.0)]  # idle: 8 steps = 0.8 s fits 1 s
+        chosen = [choose_student(state, d, job, 1.0)]  # idle: 8 steps = 0.8 s fits 1 s
         b.start()
         engine.gate.clear()
-        held = [asyncio.create_task(b.submit(("student", 1), *noise(5), timeout_s=10))]
+        held = [asyncio.create_task(b.submit(("m", "student", 1), *noise(5), timeout_s=10))]
         await asyncio.sleep(0.01)  # 0.5 s running ahead: 8 steps no longer fit
-        chosen.append(choose_student(state, job, 1.0))
-        held.append(asyncio.create_task(b.submit(("student", 2), *noise(4), timeout_s=10)))
+        chosen.append(choose_student(state, d, job, 1.0))
+        held.append(asyncio.create_task(b.submit(("m", "student", 2), *noise(4), timeout_s=10)))
         await asyncio.sleep(0.01)  # + 0.8 s queued, due before a 1 s deadline
         with pytest.raises(Overloaded):
-            choose_student(state, job, 1.0)
+            choose_student(state, d, job, 1.0)
         engine.gate.set()
         await asyncio.gather(*held)
         await b.close(5)

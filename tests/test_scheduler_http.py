@@ -10,7 +10,7 @@ import pytest
 from halfstep.server.client import AsyncClient, Client, HalfstepError
 
 from .test_server_batcher import hold_engine, until
-from .test_server_support import make_app, metric_value, serving
+from .test_server_support import lane_of, make_app, metric_value, serving
 
 
 def test_server_timing_and_lane_metrics(tiny_bundle_dir):
@@ -23,12 +23,13 @@ def test_server_timing_and_lane_metrics(tiny_bundle_dir):
     timing = r.headers["server-timing"]
     assert "predicted;dur=" in timing and "actual;dur=" in timing and "queue;dur=" in timing
     # client-chosen teacher steps never become a label value: the lane is "teacher"
-    labels = 'model="teacher",status="200",steps="teacher"'
+    b = f'bundle="{app.state.halfstep.default}"'
+    labels = f'{b},model="teacher",status="200",steps="teacher"'
     assert metric_value(text, "halfstep_request_duration_seconds_count", labels) == 1
     assert 'steps="3"' not in text
-    assert metric_value(text, "halfstep_lane_queue_depth", 'lane="2"') == 0
-    assert metric_value(text, "halfstep_padded_rows_total", 'lane="2"') == 3  # torch CPU: 1 -> 4
-    assert metric_value(text, "halfstep_lane_batch_seconds", 'lane="teacher"') > 0
+    assert metric_value(text, "halfstep_lane_queue_depth", f'{b},lane="2"') == 0
+    assert metric_value(text, "halfstep_padded_rows_total", f'{b},lane="2"') == 3  # 1 -> 4 rows
+    assert metric_value(text, "halfstep_lane_batch_seconds", f'{b},lane="teacher"') > 0
     assert metric_value(text, "halfstep_engine_busy_seconds_total") > 0
     assert lanes["student:2"]["batch_ms"] > 0 and lanes["teacher:3"]["queued"] == 0
 
@@ -63,7 +64,7 @@ def test_deadline_ms_picks_the_student_and_refuses_what_cannot_be_met(tiny_bundl
     with serving(app) as url, Client(url) as c:
         # pretend every student costs 10 s per image-step: 8 steps = 80 s, 4 = 40 s, 1 = 10 s
         for steps in (1, 2, 4, 8):
-            app.state.halfstep.batcher.lane(("student", steps)).image_step_s = 10.0
+            lane_of(app, steps).image_step_s = 10.0
         roomy = c.http.post("/generate", params={"steps": 8, "deadline_ms": 600_000})
         tight = c.http.post("/generate", params={"steps": 8, "deadline_ms": 50_000})
         hopeless = c.http.post("/generate", params={"steps": 8, "deadline_ms": 5_000})

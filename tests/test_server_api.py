@@ -135,7 +135,13 @@ def test_models_health_and_docs(server, tiny_bundle_dir):
         "student_steps": [1, 2, 4, 8], "teacher_default_steps": 16, "teacher_max_steps": 64,
         "backend": "torch", "batch_buckets": [4, 8], "max_batch": 8, "max_n": 64,
         "lanes": info["lanes"],  # checked below
+        "generation": 1, "sha256": info["sha256"], "default": bundle.name,
+        "bundles": info["bundles"],
     }
+    assert len(info["sha256"]) == 64
+    assert [b["name"] for b in info["bundles"]] == [bundle.name]
+    assert {k: v for k, v in info["bundles"][0].items() if k != "lanes"} == {
+        k: v for k, v in info.items() if k not in ("lanes", "default", "bundles")}
     assert set(info["lanes"]) >= {"student:1", "student:2", "student:4", "student:8"}
     assert info["lanes"]["student:1"]["predicted_lone_ms"] > 0  # from the warm-up
     assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}

@@ -179,11 +179,11 @@ def test_wait_limit_rule():
     from halfstep.server.metrics import Metrics
 
     def limit(fraction, recent=None):
-        b = Batcher(None, max_batch=8, max_wait_s=0.005, max_queue=4, metrics=Metrics(),
+        b = Batcher({}, max_batch=8, max_wait_s=0.005, max_queue=4, metrics=Metrics(),
                     wait_fraction=fraction)
         if recent is not None:
-            b.lane(("student", 4)).batch_s = recent
-        return b.wait_limit(("student", 4))
+            b.lane(("m", "student", 4)).batch_s = recent
+        return b.wait_limit(("m", "student", 4))
 
     assert limit(0.1) == 0.005  # no batch of this key yet: the configured bound
     assert limit(0.1, recent=0.020) == pytest.approx(0.002)  # 10% of a 20 ms batch
@@ -191,8 +191,8 @@ def test_wait_limit_rule():
     assert limit(1000.0, recent=0.001) == 0.005
     assert limit(0.0) == limit(0.0, recent=1.0) == 0.0  # 0: never wait
 
-    b = Batcher(None, max_batch=8, max_wait_s=0.005, max_queue=4, metrics=Metrics())
-    b.lane(("student", 2)).observe(rows=1, run_s=0.030)
-    b.seed_run_times({("student", 4): 0.020, ("student", 2): 1.0})
-    assert b.wait_limit(("student", 4)) == pytest.approx(0.002)
-    assert b.wait_limit(("student", 2)) == pytest.approx(0.003)  # a measured batch wins
+    b = Batcher({}, max_batch=8, max_wait_s=0.005, max_queue=4, metrics=Metrics())
+    b.lane(("m", "student", 2)).observe(rows=1, run_s=0.030)
+    b.seed_run_times("m", {("student", 4): 0.020, ("student", 2): 1.0})
+    assert b.wait_limit(("m", "student", 4)) == pytest.approx(0.002)
+    assert b.wait_limit(("m", "student", 2)) == pytest.approx(0.003)  # a measured batch wins

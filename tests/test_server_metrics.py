@@ -31,9 +31,10 @@ def test_metric_names_types_and_labels(tiny_bundle_dir):
              if line.startswith("# TYPE halfstep_")}
     for name, kind in NAMES.items():
         assert types.get(name) == kind, name
-    labels = 'model="student",status="200",steps="2"'
+    bundle = f'bundle="{app.state.halfstep.default}"'
+    labels = f'{bundle},model="student",status="200",steps="2"'
     assert metric_value(text, "halfstep_request_duration_seconds_count", labels) == 1
-    assert metric_value(text, "halfstep_images_generated_total", 'model="student"') == 2
+    assert metric_value(text, "halfstep_images_generated_total", f'{bundle},model="student"') == 2
     assert metric_value(text, "halfstep_requests_total", 'status="200"') == 1
     assert metric_value(text, "halfstep_rejected_total", 'reason="queue_full"') == 0
     assert "seed" not in text  # no per-request labels
@@ -41,9 +42,11 @@ def test_metric_names_types_and_labels(tiny_bundle_dir):
 
 def test_each_app_has_its_own_registry():
     a, b = Metrics(), Metrics()
-    a.images.labels("student").inc(3)
+    a.images.labels("m", "student").inc(3)
+    assert metric_value(a.render().decode(), "halfstep_images_generated_total",
+                        'bundle="m",model="student"') == 3
     assert metric_value(b.render().decode(), "halfstep_images_generated_total",
-                        'model="student"') == 0
+                        'bundle="m",model="student"') == 0
 
 
 def test_settings_precedence_flag_over_env_over_default():

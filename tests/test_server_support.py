@@ -130,6 +130,12 @@ def make_app(bundle_dir: Path, engine: InstrumentedEngine | None = None, **setti
     return create_app(Settings(**{**base, **settings}), engine=engine), engine
 
 
+def lane_of(app, steps: int):
+    """The scheduler lane of the app's default bundle's student with `steps` steps."""
+    state = app.state.halfstep
+    return state.batcher.lane((state.default, "student", steps))
+
+
 def metric_value(text: str, name: str, labels: str = "") -> float:
     """The value of one sample in Prometheus text, e.g. ("halfstep_rejected_total",
     'reason="deadline"'); 0 when absent."""
