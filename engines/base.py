@@ -3,7 +3,8 @@
 `images = engine.run(model, steps, noise, labels)`: noise [B, C, H, W] float32 (draw it with
 `noise_for_seeds` so each request's image is independent of its batch), labels [B] int64
 (K = no label). Returns float32 images in [-1, 1] on the CPU. The server and the benchmark
-only ever talk to an Engine.
+only ever talk to an Engine. `engine.launch(...)` is the asynchronous form of `run`: it returns a
+PendingBatch whose `.result()` gives the same images (engines/pipeline.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from abc import ABC, abstractmethod
 import torch
 
 from halfstep.distill.bundle import Bundle
+
+from .pipeline import PendingBatch
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -95,6 +98,13 @@ class Engine(ABC):
         """Pad to a bucket, sample, and return exactly B images."""
         self.check_inputs(model, steps, noise, labels)
         return self._padded(self._run, noise, labels, model, steps)
+
+    def launch(
+        self, model: str, steps: int, noise: torch.Tensor, labels: torch.Tensor
+    ) -> PendingBatch:
+        """Start a batch; `.result()` later gives exactly `run`'s images. This default runs it
+        now (synchronously, under the lock as run()); CudaGraphEngine only enqueues it."""
+        return PendingBatch.finished(self.run(model, steps, noise, labels))
 
     def chunkable(self, model: str) -> bool:
         """True when `run_chunk` can run `model` a slice of its steps at a time."""

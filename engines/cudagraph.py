@@ -9,6 +9,33 @@ Python floats and builds each step's t with `torch.full` (a fill kernel whose va
 argument), and the UNet forward has no host syncs or data-dependent branches, so running it on
 static buffers under capture records all N steps as one graph. Noise is drawn by the caller
 (`noise_for_seeds`) outside the graph, so an image never depends on its batch.
+
+Two batches in flight (`launch`): while batch k's images are copied back to the host, batch k+1
+is already running. Each (steps, bucket) has BUFFER_SETS = 2 buffer sets, each with its own
+captured graph, static device tensors (noise, labels, out) and pinned host staging:
+
+- Two sets, because a set is busy until its batch is collected: the graph writes its `out`
+  and the copy fills its pinned `host_out`, so batch k+1 needs other buffers while k's result
+  is still being copied (or still waiting for its caller). A third launch of the same key
+  waits for the oldest batch and moves its images out before reusing its set (`SlotRing`).
+- Streams: the input copies (pinned host -> device) and every replay run in order on one
+  compute stream (`_stream`, also the capture stream: replays of graphs sharing the memory
+  pool must never overlap); the output copy (device -> pinned host) runs on a dedicated copy
+  stream (`_copy_stream`) behind an event recorded after the replay, so it overlaps the next
+  batch's replay. (An input copy on the copy stream would queue behind the previous batch's
+  output copy, which waits for that batch's replay: the pipeline would serialise.)
+- An event recorded on the copy stream after the device->host copy is what `result()` waits
+  on (event.synchronize()): when it has fired the pinned `host_out` holds the images and the
+  set's device buffers are no longer read. `launch` itself never synchronizes with the host.
+- Each graph's final node copies the sampler's output into a static `out` allocated before
+  capture, outside the shared graph pool: another graph's replay reuses the pool's memory
+  for its intermediates and would clobber an output that lived there before it was copied out.
+- The lock is held only while a batch is enqueued, so a second launch can enqueue while the
+  first still runs on the GPU; `run` is `launch(...).result()` under the lock, so every replay
+  (run or launch) goes through the same stream and buffer sets.
+
+The pipelined path is verified on CPU only for its bookkeeping (engines/pipeline.py); the GPU
+path is exercised by the gpu-marked tests (tests/test_engine_pipeline.py).
 """
 
 from __future__ import annotations
@@ -25,6 +52,7 @@ from halfstep.distill.bundle import Bundle
 from halfstep.distill.sampling import ddim_sample, ddim_steps, noise_for_seeds
 
 from .base import DEFAULT_BUCKETS, Engine, EngineError
+from .pipeline import PendingBatch, SlotRing, pad_rows
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Reduced precision is accepted only if, on CHECK_SEEDS, every image stays this close to the
@@ -33,6 +61,7 @@ MIN_PSNR_DB = 35.0
 MAX_ABS_ERROR = 0.1
 CHECK_SEEDS = tuple(range(8))
 WARMUP_ITERS = 2  # eager runs on the capture stream first, so cuDNN/cuBLAS set up outside capture
+BUFFER_SETS = 2  # batches of one (steps, bucket) that can be in flight at once
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -90,17 +119,31 @@ def within_tolerance(err: dict, min_psnr_db: float, max_abs_error: float) -> boo
 
 
 @dataclass
-class _Graph:
-    """One captured sampler: replay reads `noise`/`labels` and writes `out` (static addresses)."""
+class _Slot:
+    """One buffer set: a graph captured on it, whose replay reads `noise`/`labels` and writes
+    `out` (static device tensors, allocated outside the graph pool), and pinned host staging
+    for the non_blocking copies in (`host_noise`, `host_labels`) and out (`host_out`)."""
 
     graph: torch.cuda.CUDAGraph
     noise: torch.Tensor
     labels: torch.Tensor
     out: torch.Tensor
+    host_noise: torch.Tensor
+    host_labels: torch.Tensor
+    host_out: torch.Tensor
+
+
+@dataclass
+class _GraphSet:
+    """One (model, steps, bucket): BUFFER_SETS slots, handed out by `ring`."""
+
+    slots: list[_Slot]
+    ring: SlotRing
 
 
 class CudaGraphEngine(Engine):
-    """One CUDA graph per (model, steps, bucket), one shared memory pool, one lock."""
+    """BUFFER_SETS CUDA graphs per (model, steps, bucket), one shared memory pool, one compute
+    stream, one copy stream, one lock held only while a batch is enqueued (`launch`)."""
 
     name = "cudagraph"
 
@@ -123,10 +166,12 @@ class CudaGraphEngine(Engine):
         super().__init__(bundle, buckets)
         self.min_psnr_db, self.max_abs_error = float(min_psnr_db), float(max_abs_error)
         with torch.cuda.device(self.device):
-            # Captures share one stream and one pool: graphs never replay concurrently (the lock).
+            # Captures and replays share one stream and one pool: replays run one after another
+            # on the stream, so graphs sharing the pool never run concurrently.
             self._stream = torch.cuda.Stream()
+            self._copy_stream = torch.cuda.Stream()  # device -> host copies of the images
             self._pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[tuple[str, int, int], _Graph] = {}
+        self._graphs: dict[tuple[str, int, int], _GraphSet] = {}
         self._samplers: dict[tuple[str, int], Callable] = {}
         self._weights: dict[tuple[str, int], torch.nn.Module] = {}
         self.precision: dict[str, dict] = {}  # "model/steps" -> error vs float32 (reduced only)
@@ -182,24 +227,34 @@ class CudaGraphEngine(Engine):
                 f"tolerance PSNR >= {self.min_psnr_db} dB, max error <= {self.max_abs_error}); "
                 "use --dtype float32")
 
-    def _capture(self, model: str, steps: int, bucket: int) -> _Graph:
-        """Warm up on the side stream, then capture the unrolled loop into the shared pool."""
+    def _capture(self, model: str, steps: int, bucket: int) -> _GraphSet:
+        """Warm up on the side stream, then capture the unrolled loop once per buffer set into
+        the shared pool. Static tensors are allocated before capture (outside the pool)."""
         sampler = self._sampler(model, steps)
-        noise = torch.zeros(bucket, *self.bundle.image_shape, device=self.device)
-        labels = torch.full((bucket,), self.bundle.num_labels, dtype=torch.int64,
-                            device=self.device)
+        shape = (bucket, *self.bundle.image_shape)
+        k = self.bundle.num_labels
+        static = [(torch.zeros(shape, device=self.device),
+                   torch.full((bucket,), k, dtype=torch.int64, device=self.device),
+                   torch.zeros(shape, device=self.device)) for _ in range(BUFFER_SETS)]
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             for _ in range(WARMUP_ITERS):
-                sampler(noise, labels)
+                sampler(*static[0][:2])
         torch.cuda.current_stream().wait_stream(self._stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (callers preparing inputs, an eager engine) may use the
-        # GPU while this thread captures; the captured region itself makes no unsafe calls.
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
-                              capture_error_mode="thread_local"):
-            out = sampler(noise, labels)
-        self._graphs[(model, steps, bucket)] = _Graph(graph, noise, labels, out)
+        slots = []
+        for noise, labels, out in static:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (callers preparing inputs, an eager engine) may use
+            # the GPU while this thread captures; the captured region makes no unsafe calls.
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
+                                  capture_error_mode="thread_local"):
+                out.copy_(sampler(noise, labels))  # the sampler's own output lives in the pool
+            slots.append(_Slot(graph, noise, labels, out,
+                               host_noise=torch.zeros(shape, pin_memory=True),
+                               host_labels=torch.full((bucket,), k, dtype=torch.int64,
+                                                      pin_memory=True),
+                               host_out=torch.zeros(shape, pin_memory=True)))
+        self._graphs[(model, steps, bucket)] = _GraphSet(slots, SlotRing(BUFFER_SETS))
         return self._graphs[(model, steps, bucket)]
 
     # -- running ------------------------------------------------------------------------
@@ -215,16 +270,63 @@ class CudaGraphEngine(Engine):
             return out.float().cpu()
 
     def _run(self, model, steps, noise, labels):
+        """Under the lock (run()): a captured key is launched and collected at once."""
         with torch.cuda.device(self.device):
-            g = self._graphs.get((model, steps, noise.shape[0]))
-            if g is None:  # teacher, or a key not captured at warm-up: eager, never captured
+            graphs = self._graphs.get((model, steps, noise.shape[0]))
+            if graphs is None:  # teacher, or a key not captured at warm-up: eager, never captured
                 out = self._sampler(model, steps)(noise.to(self.device), labels.to(self.device))
                 return out.float().cpu()
-            g.noise.copy_(noise)
-            g.labels.copy_(labels)
-            g.graph.replay()
-            # Copy out before the next replay overwrites the static output; .cpu() syncs.
-            return g.out.float().cpu()
+            return self._enqueue(graphs, noise, labels, noise.shape[0]).result()
+
+    def launch(self, model: str, steps: int, noise: torch.Tensor,
+               labels: torch.Tensor) -> PendingBatch:
+        """Enqueue a batch on its captured graph and return at once; `.result()` waits for the
+        images (the same bytes as run()). The lock is held only while enqueuing, and while
+        waiting for the oldest batch of the same key when both of its buffer sets are still
+        uncollected (SlotRing: a set is reused only after its images were copied out). The
+        teacher and keys not captured at warm-up run synchronously (Engine.launch)."""
+        self.check_inputs(model, steps, noise, labels)
+        n = noise.shape[0]
+        bucket = self.bucket_for(n)
+        graphs = self._graphs.get((model, steps, bucket))
+        if graphs is None:
+            return super().launch(model, steps, noise, labels)
+        noise, labels = pad_rows(noise, labels, bucket)
+        with self.lock, torch.cuda.device(self.device):
+            return self._enqueue(graphs, noise, labels.to(torch.int64), n)
+
+    def _enqueue(self, graphs: _GraphSet, noise: torch.Tensor, labels: torch.Tensor,
+                 n: int) -> PendingBatch:
+        """Enqueue one bucket-sized batch on a free buffer set; no host sync (caller holds the
+        lock). Compute stream: pinned inputs -> static inputs, replay, event `computed`. Copy
+        stream: wait `computed`, static out -> pinned host_out, event `copied`. The returned
+        batch waits on `copied`, then copies its n rows out of the pinned staging."""
+
+        def start(i: int) -> PendingBatch:
+            slot = graphs.slots[i]
+            # Host copies into the pinned staging: the set's previous batch is collected
+            # (SlotRing), so no copy of it still reads these buffers.
+            slot.host_noise.copy_(noise)
+            slot.host_labels.copy_(labels)
+            with torch.cuda.stream(self._stream):
+                slot.noise.copy_(slot.host_noise, non_blocking=True)
+                slot.labels.copy_(slot.host_labels, non_blocking=True)
+                slot.graph.replay()
+                computed = torch.cuda.Event()
+                computed.record(self._stream)
+            self._copy_stream.wait_event(computed)
+            with torch.cuda.stream(self._copy_stream):
+                slot.host_out.copy_(slot.out, non_blocking=True)
+                copied = torch.cuda.Event(blocking=True)  # result() sleeps, no spin
+                copied.record(self._copy_stream)
+
+            def finish() -> torch.Tensor:
+                copied.synchronize()
+                return slot.host_out[:n].clone()  # the set's staging is reused later
+
+            return PendingBatch(finish)
+
+        return graphs.ring.claim(start)
 
     def capture_students(self, keys: list[tuple[str, int]]) -> None:
         """Capture every student key x bucket (largest bucket first: one pool). The only place
@@ -257,7 +359,8 @@ class CudaGraphEngine(Engine):
         mib = 2.0**20
         return {
             "warmup_s": round(time.perf_counter() - started, 3), "keys": len(keys),
-            "graphs": len(self._graphs), "buckets": list(self.buckets), "dtype": self.dtype_name,
+            "graphs": len(self._graphs), "buffer_sets": BUFFER_SETS,
+            "buckets": list(self.buckets), "dtype": self.dtype_name,
             "gpu_memory_added_mib": round((allocated - allocated0) / mib, 1),
             "gpu_memory_reserved_added_mib": round((reserved - reserved0) / mib, 1),
             "gpu_memory_allocated_mib": round(allocated / mib, 1),
