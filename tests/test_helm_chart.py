@@ -358,6 +358,17 @@ def test_pvc_model_source(rendered) -> None:
     assert "initContainers" not in pod
 
 
+def test_several_bundles_become_halfstep_bundles() -> None:
+    docs = render({"model": {"source": "pvc", "pvc": {"claimName": "bundles"},
+                             "bundles": [{"name": "mnist", "path": "mnist-v2"},
+                                         {"name": "fashion", "path": "fashion"}]}})
+    e = env(docs)
+    assert e["HALFSTEP_BUNDLES"] == "mnist=/models/mnist-v2,fashion=/models/fashion"
+    assert "HALFSTEP_BUNDLE" not in e
+    with pytest.raises(helm.HelmValuesError, match="bundles"):
+        render({"model": {"bundles": [{"name": "bad name", "path": "x"}]}})
+
+
 def test_image_model_source_copies_with_an_init_container(rendered) -> None:
     docs = rendered["image_model"]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]

@@ -59,6 +59,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* The bundle directory inside the pod when it does not come from the image. */}}
+{{- define "halfstep.bundleList" -}}
+{{- $base := trimSuffix "/" .Values.model.mountPath }}
+{{- $specs := list }}
+{{- range .Values.model.bundles }}
+{{- $specs = append $specs (printf "%s=%s/%s" .name $base (trimPrefix "/" .path)) }}
+{{- end }}
+{{- join "," $specs }}
+{{- end }}
+
 {{- define "halfstep.bundleDir" -}}
 {{- $base := trimSuffix "/" .Values.model.mountPath }}
 {{- if .Values.model.bundlePath }}

@@ -90,7 +90,10 @@ containers:
         value: {{ .Values.server.watchdogFactor | quote }}
       - name: HALFSTEP_AUTH_METRICS
         value: {{ .Values.server.authMetrics | quote }}
-      {{- if ne .Values.model.source "embedded" }}
+      {{- if and (ne .Values.model.source "embedded") .Values.model.bundles }}
+      - name: HALFSTEP_BUNDLES
+        value: {{ include "halfstep.bundleList" . | quote }}
+      {{- else if ne .Values.model.source "embedded" }}
       - name: HALFSTEP_BUNDLE
         value: {{ include "halfstep.bundleDir" . | quote }}
       {{- end }}
