@@ -131,3 +131,49 @@ def test_page_fits_a_phone(tiny_bundle_dir, browser):
     assert width <= 500, "the window could not be made phone-sized"
     assert len(columns.split()) == 1  # labels above their inputs
     assert overflow <= 0
+
+
+def test_bundle_picker_switches_bundles(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from halfstep.server.app import create_app
+    from halfstep.server.settings import Settings
+
+    from .conftest import build_tiny_bundle
+    from .test_server_support import metric_value
+
+    first = build_tiny_bundle(tmp_path / "a", name="alpha")
+    second = build_tiny_bundle(tmp_path / "b", steps=(1, 2), name="beta", seed=50)
+    app = create_app(Settings(bundles=(str(first), str(second)), backend="torch", max_batch=8))
+    with serving(app) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: "Bundle alpha" in d.find_element(By.ID, "about").text)
+        picker = browser.find_element(By.ID, "bundle")
+        assert picker.is_displayed()
+        assert [o.text for o in picker.find_elements(By.TAG_NAME, "option")] == ["alpha", "beta"]
+        browser.find_element(By.CSS_SELECTOR, "#bundle option[value='beta']").click()
+        wait.until(lambda d: "Bundle beta" in d.find_element(By.ID, "about").text)
+        assert browser.find_element(By.ID, "steps").get_attribute("max") == "2"
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.ID, "steps-used"))
+        used = browser.find_element(By.ID, "steps-used").text
+        text = app.state.halfstep.metrics.render().decode()
+    assert used.strip() == "steps used: 2"
+    assert metric_value(text, "halfstep_images_generated_total",
+                        'bundle="beta",model="student"') == 1
+    assert metric_value(text, "halfstep_images_generated_total",
+                        'bundle="alpha",model="student"') == 0
+
+
+def test_one_bundle_hides_the_picker(tiny_bundle_dir, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app, _ = make_app(tiny_bundle_dir)
+    with serving(app) as url:
+        browser.get(url + "/")
+        WebDriverWait(browser, 60).until(
+            lambda d: "Bundle tiny" in d.find_element(By.ID, "about").text)
+        assert not browser.find_element(By.ID, "bundle").is_displayed()
