@@ -5,7 +5,7 @@ Registered by halfstep/cli.py as a plugin; heavy imports stay inside the handler
 
 from __future__ import annotations
 
-from halfstep.distill.cli_args import positive_ints_or_empty
+from halfstep.distill.cli_args import positive_ints, positive_ints_or_empty
 
 
 def register(subparsers) -> None:
@@ -87,7 +87,9 @@ def _register_curve(subparsers) -> None:
     p.add_argument("--run", action="append", required=True, help="training run (repeatable)")
     p.add_argument("--data", required=True, help="mnist:DIR (reference = the MNIST test set)")
     p.add_argument("--samples", type=int, default=500, help="images per snapshot (fixed seeds)")
-    p.add_argument("--ddim-steps", type=int, default=64, help="teacher DDIM steps")
+    p.add_argument("--ddim-steps", type=positive_ints, default=[64],
+                   help="teacher DDIM steps, one or several (e.g. 32,64,128,256)")
+    p.add_argument("--last", action="store_true", help="only each run's newest snapshot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="classifier cache (as for eval)")
     p.add_argument("--json", default=None, help="write the rows here")
@@ -103,7 +105,7 @@ def cmd_curve(args) -> int:
 
     rows = teacher_curve(args.run, mnist_dir_from_spec(args.data),
                          args.cache_dir or default_cache_dir(), args.samples, args.ddim_steps,
-                         args.seed)
+                         args.seed, last=args.last)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -59,11 +59,15 @@ def score_snapshot(config: ModelConfig, weights: Path, classifier, reference: Fe
 
 
 def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: str | Path,
-                  samples: int = 500, steps: int = 64, seed: int = 0, log=print) -> list[dict]:
-    """One row per (run, snapshot): step, FD-classifier, label accuracy, seconds to score."""
-    if samples < 10 or steps < 1:
+                  samples: int = 500, steps: int | list[int] = 64, seed: int = 0, log=print,
+                  last: bool = False, classifier_config=None) -> list[dict]:
+    """One row per (run, snapshot, DDIM steps): step, FD-classifier, label accuracy, seconds to
+    score. `steps`: one DDIM step count or several (e.g. to see where the teacher's sampler
+    comes within 2% of its best); `last`: only each run's newest snapshot."""
+    grid = [steps] if isinstance(steps, int) else list(steps)
+    if samples < 10 or not grid or min(grid) < 1:
         raise ValueError("--samples must be >= 10 and --ddim-steps >= 1")
-    classifier, _ = load_or_train(mnist_dir, cache_dir, progress=False)
+    classifier, _ = load_or_train(mnist_dir, cache_dir, classifier_config, progress=False)
     test = load_mnist(mnist_dir, "test")
     feats, _ = classify(classifier, test.images.float().div(127.5).sub(1.0))
     reference = FeatureStats.from_features(feats.double().numpy())
@@ -74,12 +78,15 @@ def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: 
             raise FileNotFoundError(
                 f"no ema-STEP.safetensors in {run}: train with --snapshot-every N"
             )
-        for step, path in found:
-            started = time.perf_counter()
-            row = {"run": run.name, "step": step,
-                   **score_snapshot(config, path, classifier, reference, samples, steps, seed),
-                   "seconds": round(time.perf_counter() - started, 1)}
-            log(f"{row['run']:<24} step {step:>6}  FD-classifier {row['fd_classifier']:8.3f}  "
-                f"label acc {row['label_accuracy']:.4f}  ({row['seconds']} s)")
-            rows.append(row)
+        for step, path in found[-1:] if last else found:
+            for ddim in grid:
+                started = time.perf_counter()
+                row = {"run": run.name, "step": step, "ddim_steps": ddim,
+                       **score_snapshot(config, path, classifier, reference, samples, ddim,
+                                        seed),
+                       "seconds": round(time.perf_counter() - started, 1)}
+                log(f"{row['run']:<24} step {step:>6}  DDIM {ddim:>4}  FD-classifier "
+                    f"{row['fd_classifier']:8.3f}  label acc {row['label_accuracy']:.4f}  "
+                    f"({row['seconds']} s)")
+                rows.append(row)
     return rows
