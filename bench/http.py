@@ -56,6 +56,31 @@ def percentiles(times_s: list[float]) -> dict:
             "mean_ms": round(1e3 * sum(s) / len(s), 3), "n": len(s)}
 
 
+def cpu_share(cpu_s: float, wall_s: float) -> float | None:
+    """CPU seconds of the load generator per wall second (1.0 = one core busy all the time);
+    None for an empty interval."""
+    return round(cpu_s / wall_s, 3) if wall_s > 0 else None
+
+
+class CpuClock:
+    """The bench process's own CPU time over one HTTP cell: `with CpuClock() as c: ...`, then
+    `c.result()`. The server runs in another process (or elsewhere), so on a 2-core machine
+    this says how much of the CPU the clients themselves took from the server."""
+
+    def __enter__(self) -> CpuClock:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.wall = self.cpu = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = time.process_time() - self.cpu0
+
+    def result(self) -> dict:
+        return {"wall_s": round(self.wall, 3), "client_cpu_s": round(self.cpu, 3),
+                "client_cpu": cpu_share(self.cpu, self.wall)}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +91,7 @@ class LocalServer:
     """`halfstep serve` on a free loopback port as a subprocess; always stopped by close()."""
 
     def __init__(self, bundle: str, backend: str = "auto", max_batch: int = 64,
-                 ready_timeout_s: float = 180.0) -> None:
+                 ready_timeout_s: float = 180.0, extra_args: tuple[str, ...] = ()) -> None:
         if not Path(bundle).is_dir():
             raise ValueError(f"--bundle {bundle!r} is not a directory")
         self.port = free_port()
@@ -74,7 +99,7 @@ class LocalServer:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="halfstep-bench-", suffix=".log")
         cmd = [sys.executable, "-m", "halfstep", "serve", "--bundle", str(bundle), "--host",
                "127.0.0.1", "--port", str(self.port), "--backend", backend,
-               "--max-batch", str(max_batch)]
+               "--max-batch", str(max_batch), *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ))
         try:
@@ -187,12 +212,16 @@ async def run_http(url: str, student_steps: list[int], teacher_steps: list[int],
             progress(f"bench: HTTP latency {model} {steps} steps ({requests} requests)")
             await client.generate(steps=steps, model=model, n=1, seed=0)  # untimed warm request
             before = await client.metrics()
-            times, errors = await _latency_cell(client, model, steps, requests, budget_s)
+            with CpuClock() as clock:
+                times, errors = await _latency_cell(client, model, steps, requests, budget_s)
             latency.append({"model": model, "steps": steps, "errors": errors,
-                            **percentiles(times), **_server_split(before, await client.metrics())})
+                            **percentiles(times), **_server_split(before, await client.metrics()),
+                            "client_cpu": clock.result()["client_cpu"]})
         throughput = []
         for c in concurrencies:
             progress(f"bench: throughput at concurrency {c} (student {throughput_steps} steps)")
-            throughput.append(await _throughput_cell(client, throughput_steps, c,
-                                                     max(requests, 4 * c), budget_s))
+            with CpuClock() as clock:
+                cell = await _throughput_cell(client, throughput_steps, c, max(requests, 4 * c),
+                                              budget_s)
+            throughput.append({**cell, "client_cpu": clock.result()["client_cpu"]})
     return {"server": info, "latency": latency, "throughput": throughput}

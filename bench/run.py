@@ -19,6 +19,7 @@ from halfstep.distill.bundle import Bundle
 
 from . import floor as bench_floor
 from . import http as bench_load
+from . import mixed as bench_mixed
 from .engines import bench_engines
 from .targets import (
     TARGET_FLOOR,
@@ -27,12 +28,14 @@ from .targets import (
     TARGET_THROUGHPUT,
     TARGET_VS_DIFFUSERS,
     find_row,
+    judge,
 )
 
 STEPS = (1, 2, 4, 8, 16)
 QUICK_STEPS = (1, 4)
 TEACHER_REFERENCE = 256
 CONCURRENCIES = (1, 8, 32)
+DEADLINE_MAX_CLIENTS, QUICK_DEADLINE_MAX_CLIENTS = 64, 32
 ENGINE_FIELDS = ("backend", "steps", "batch", "median_ms", "repeats")  # per engine row
 
 
@@ -50,6 +53,10 @@ class BenchConfig:
     concurrencies: tuple[int, ...] = CONCURRENCIES
     cell_budget_s: float = 60.0
     teacher_reference: int = TEACHER_REFERENCE
+    mixed: bool = True  # the mixed-load cell (students while a teacher n=64 runs)
+    mixed_clients: int = 16
+    deadline_ms: int = 100  # the deadline cell's deadline; 0: no deadline cell
+    deadline_max_clients: int = DEADLINE_MAX_CLIENTS  # the ramp's top load
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +70,7 @@ class BenchConfig:
                 self.steps = QUICK_STEPS
             self.requests, self.repeats = min(self.requests, 5), min(self.repeats, 3)
             self.cell_budget_s = min(self.cell_budget_s, 10.0)
+            self.deadline_max_clients = min(self.deadline_max_clients, QUICK_DEADLINE_MAX_CLIENTS)
         for name in ("requests", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -73,6 +81,10 @@ class BenchConfig:
             raise ValueError(f"--teacher-steps must be >= 1, got {self.teacher_reference}")
         if self.cell_budget_s <= 0:
             raise ValueError(f"--cell-budget-s must be > 0, got {self.cell_budget_s}")
+        if self.mixed_clients < 1 or self.deadline_max_clients < 1:
+            raise ValueError("--mixed-clients and --deadline-max-clients must be >= 1")
+        if not 0 <= self.deadline_ms <= 600_000:
+            raise ValueError(f"--deadline-ms must be in 0..600000 (0: off), got {self.deadline_ms}")
 
 
 def plan_steps(info: dict, wanted: tuple[int, ...], reference: int = TEACHER_REFERENCE
@@ -81,9 +93,13 @@ def plan_steps(info: dict, wanted: tuple[int, ...], reference: int = TEACHER_REF
     have = info["student_steps"]
     students = [s for s in wanted if s in have]
     skipped = {f"student {s}": "no such student in the bundle" for s in wanted if s not in have}
-    tmax = info["teacher_max_steps"]
+    tmax = info.get("teacher_limit", info["teacher_max_steps"])  # the server's own cap
+    if tmax < 1:
+        skipped["teacher"] = "the server has the teacher turned off"
+        return students, [], skipped
     if reference > tmax:
-        skipped[f"teacher {reference}"] = f"teacher max is {tmax}; reference is {tmax}"
+        skipped[f"teacher {reference}"] = (f"the server's teacher limit is {tmax}; "
+                                           f"reference is {tmax}")
         reference = tmax
     teacher = sorted({reference, *(s for s in students if s <= tmax)})
     return students, teacher, skipped
@@ -92,7 +108,9 @@ def plan_steps(info: dict, wanted: tuple[int, ...], reference: int = TEACHER_REF
 def run_bench(cfg: BenchConfig, progress=print) -> dict:
     """One full run; the returned dict is what --json writes."""
     started = time.perf_counter()
-    server = None if cfg.url else bench_load.LocalServer(cfg.bundle, cfg.backend)
+    server_args = () if cfg.url or not cfg.mixed else bench_mixed.server_args(cfg.cell_budget_s)
+    server = None if cfg.url else bench_load.LocalServer(cfg.bundle, cfg.backend,
+                                                         extra_args=server_args)
     try:
         url = server.url if server else cfg.url
         info = _models(url, cfg.api_key)
@@ -104,12 +122,20 @@ def run_bench(cfg: BenchConfig, progress=print) -> dict:
         http_result = asyncio.run(bench_load.run_http(
             url, students, teacher, list(cfg.concurrencies), cfg.requests, tput_steps,
             cfg.cell_budget_s, progress, cfg.api_key))
+        scheduler = asyncio.run(bench_mixed.run_cells(
+            url, cfg.api_key, steps=tput_steps, deadline_ms=cfg.deadline_ms,
+            max_clients=cfg.deadline_max_clients, mixed=cfg.mixed,
+            mixed_clients=cfg.mixed_clients, teacher_steps=max(teacher),
+            teacher_n=min(bench_mixed.TEACHER_N, info.get("max_n", bench_mixed.TEACHER_N)),
+            requests=cfg.requests, budget_s=cfg.cell_budget_s, progress=progress))
     finally:
         if server:
             server.close()
     result = {"machine": machine(), "config": {**asdict(cfg), "api_key": None},
-              "server": http_result["server"], "skipped": skipped,
-              "latency": http_result["latency"], "throughput": http_result["throughput"]}
+              "server": http_result["server"], "server_args": list(server_args),
+              "skipped": skipped, "latency": http_result["latency"],
+              "throughput": http_result["throughput"], **scheduler}
+    _skips_of_scheduler_cells(cfg, result)
     if cfg.bundle is None:
         result["skipped"]["in-process"] = "--url without --bundle: pass the server's bundle too"
     else:
@@ -128,6 +154,19 @@ def run_bench(cfg: BenchConfig, progress=print) -> dict:
     result["targets"] = targets(result)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _skips_of_scheduler_cells(cfg: BenchConfig, result: dict) -> None:
+    """Say which scheduler cell did not run, and why."""
+    skipped = result["skipped"]
+    if not cfg.mixed:
+        skipped["mixed"] = "--no-mixed"
+    elif result["mixed"].get("skipped"):
+        hint = ("; a --url server must admit it (start it with --max-request-s 86400 "
+                "--timeout-s 120, or lower --teacher-steps)" if cfg.url else "")
+        skipped["mixed"] = result["mixed"]["skipped"] + hint
+    if not cfg.deadline_ms:
+        skipped["deadline"] = "--deadline-ms 0"
 
 
 def _models(url: str, api_key: str | None) -> dict:
@@ -158,13 +197,6 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _target(value, goal, higher_is_better: bool, detail: str) -> dict:
-    met = value >= goal if higher_is_better else value <= goal
-    miss = None if met else round(goal / value if higher_is_better else value / goal, 2)
-    return {"value": round(value, 3), "goal": goal, "met": met,
-            "want": ">=" if higher_is_better else "<=", "missed_by_x": miss, "detail": detail}
-
-
 def targets(r: dict) -> dict:
     out = {}
     lat = r["latency"]
@@ -172,34 +204,38 @@ def targets(r: dict) -> dict:
     teacher = [x for x in lat if x["model"] == "teacher"]
     ref = max(teacher, key=lambda x: x["steps"]) if teacher else None
     if s4 and ref and s4["p50_ms"] and ref["p50_ms"]:
-        out["http_student4_vs_teacher"] = _target(
+        out["http_student4_vs_teacher"] = judge(
             ref["p50_ms"] / s4["p50_ms"], TARGET_TEACHER_RATIO, True,
             f"teacher {ref['steps']} steps p50 / student 4 steps p50")
     engines = r.get("engines") or []
     backend = r["server"].get("backend")
     e4 = find_row(engines, backend=backend, steps=4, batch=1)
     if s4 and e4 and s4["p50_ms"]:
-        out["server_overhead_b1"] = _target(s4["p50_ms"] / e4["median_ms"], TARGET_OVERHEAD,
+        out["server_overhead_b1"] = judge(s4["p50_ms"] / e4["median_ms"], TARGET_OVERHEAD,
                                             False, f"HTTP p50 / {backend} engine, 4 steps")
     fastest = min((e for e in engines if e["steps"] == 4 and e["batch"] == 1),
                   key=lambda e: e["median_ms"], default=None)
     d4 = find_row(r.get("diffusers"), steps=4, batch=1)
     if fastest and d4:
-        out["engine_vs_diffusers_4"] = _target(
+        out["engine_vs_diffusers_4"] = judge(
             fastest["median_ms"] / d4["median_ms"], TARGET_VS_DIFFUSERS, False,
             f"{fastest['backend']} engine / diffusers DDIMScheduler, 4 steps, batch 1")
     top = max(r.get("throughput") or [], key=lambda t: t["concurrency"], default=None)
     rates = [e["batch"] / e["median_ms"] * 1e3 for e in engines
              if top and e["backend"] == backend and e["steps"] == top["steps"]]
     if top and rates and top["images_per_s"]:
-        out["throughput_vs_engine"] = _target(
+        out["throughput_vs_engine"] = judge(
             top["images_per_s"] / max(rates), TARGET_THROUGHPUT, True,
             f"HTTP images/s at concurrency {top['concurrency']} / best in-process {backend} "
             f"images/s over batches, {top['steps']} steps")
+    if "mixed" in r:
+        out["mixed_p99_vs_solo_p50"] = bench_mixed.mixed_target(r["mixed"])
+    if "deadline" in r:
+        out["deadline_in_time_share"] = bench_mixed.deadline_target(r["deadline"])
     cpu64 = [f for f in r.get("floor") or [] if f["batch"] == 64]
     if cpu64 and not torch.cuda.is_available():
         best = max(cpu64, key=lambda f: f["fraction"])
-        out["cpu_floor_b64"] = _target(best["fraction"], TARGET_FLOOR, True,
+        out["cpu_floor_b64"] = judge(best["fraction"], TARGET_FLOOR, True,
                                        f"{best['backend']} {best['steps']} steps, achieved / "
                                        "measured matmul FLOP/s")
     return out

@@ -52,6 +52,11 @@ def test_plan_steps_benches_only_what_exists():
     assert students == [1, 2, 4, 8]
     assert teacher == [1, 2, 4, 8, 64]
     assert "student 16" in skipped and "teacher 256" in skipped
+    # the server's own teacher cap (--max-teacher-steps, or the bundle's default) wins
+    _, teacher, skipped = plan_steps({**info, "teacher_limit": 16}, (1, 2))
+    assert teacher == [1, 2, 16] and "limit is 16" in skipped["teacher 256"]
+    _, teacher, skipped = plan_steps({**info, "teacher_limit": 0}, (1, 2))
+    assert teacher == [] and "turned off" in skipped["teacher"]
 
 
 def test_percentiles_and_metrics_parsing():
