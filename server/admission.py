@@ -31,9 +31,7 @@ def check_ready(state: ServerState, d: Deployment | None = None) -> None:
 
 def teacher_limit(state: ServerState, d: Deployment | None = None) -> int:
     """Most steps a teacher request may ask for here (of bundle d; default: the default)."""
-    bundle = (d or state.deployment(None)).bundle
-    cap = state.settings.max_teacher_steps or bundle.teacher_default_steps
-    return min(cap, bundle.teacher_max_steps)
+    return state.teacher_cap(d)
 
 
 def check_request(state: ServerState, job: GenerateJob, d: Deployment | None = None) -> None:

@@ -18,6 +18,7 @@ DUE_SLACK = 4.0  # a job without its own deadline is due after 4 of its lane's b
 class Estimates:
     lanes: dict[LaneKey, Lane]
     runs: list
+    max_batch: int
     max_wait_s: float
     wait_fraction: float
     watchdog_factor: float
@@ -65,9 +66,24 @@ class Estimates:
         return max(0.0, self._running_until - now) + queued + part_run
 
     def predict_s(self, key: LaneKey, n: int, deadline_s: float | None = None) -> float:
-        """Seconds until a request of n images of `key`, submitted now, would be done."""
+        """Seconds until a request of n images of `key`, submitted now, would be done: the work
+        due before it, the jobs already queued in its lane that will share its batch, and its
+        own images."""
         due = time.monotonic() + self._relative_due(key, n, deadline_s)
-        return self.backlog_s(due) + self.cost_s(key, n)
+        return self.backlog_s(due) + self.joining_s(key, n, due) + self.cost_s(key, n)
+
+    def joining_s(self, key: LaneKey, n: int, due: float) -> float:
+        """Engine seconds of the jobs queued in `key`'s lane that are due after `due` but will
+        run in the same batch as a new job (a lane's batch takes its queue in arrival order, up
+        to max_batch rows): backlog_s(due) leaves them out, though the new job waits for them."""
+        rows, cost = n, 0.0
+        for job in self.lane(key).queue:
+            if rows + job.n > self.max_batch:
+                break
+            rows += job.n
+            if job.due > due:
+                cost += job.cost_s
+        return cost
 
     def _relative_due(self, key: LaneKey, n: int, deadline_s: float | None,
                       timeout_s: float = math.inf) -> float:

@@ -138,6 +138,7 @@ async def answer_generate(request: Request, query: BaseModel,
         earlier = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = f"{earlier}, {timing}" if earlier else timing
         response.headers["X-Halfstep-Bundle"] = d.name
+        state.observe_overhead(time.perf_counter() - started - result.queue_s - result.run_s)
     except REFUSALS as exc:
         response = reject(request, exc)
     finally:
@@ -153,6 +154,8 @@ async def run_job(request: Request, state: ServerState, d: Deployment,
     job = dataclasses.replace(job, bundle=d.name)
     check_request(state, job, d)  # teacher off or over its limit, cost over max_request_s
     deadline_s = _deadline_s(job)
+    if deadline_s is not None:  # the engine's share: what is left after this server's own part
+        deadline_s = max(deadline_s - state.overhead_s, 1e-3)
     if deadline_s is not None and job.model == "student":
         job = dataclasses.replace(job, steps=choose_student(state, d, job, deadline_s))
     if state.batcher is None:

@@ -36,8 +36,21 @@ class ServerState:
         self.batcher: Batcher | None = None
         self.drain_deadline: float | None = None  # monotonic end of the drain, once draining
         self.reload_lock = asyncio.Lock()  # one reload at a time
+        # moving average of a request's time outside the queue and the engine (parsing, noise,
+        # encoding, the handler): deadline_ms leaves this much of the deadline to it
+        self.overhead_s = 0.0
         for d in deployments:
             self.metrics.generation.labels(d.name).set(d.generation)
+
+    def teacher_cap(self, d: Deployment | None = None) -> int:
+        """Most steps a teacher request of bundle d (default: the default) may ask for here:
+        --max-teacher-steps, else the bundle's teacher default (whether or not --teacher off)."""
+        bundle = (d or self.deployments[self.default]).bundle
+        cap = self.settings.max_teacher_steps or bundle.teacher_default_steps
+        return min(cap, bundle.teacher_max_steps)
+
+    def observe_overhead(self, seconds: float) -> None:
+        self.overhead_s = 0.8 * self.overhead_s + 0.2 * max(seconds, 0.0)
 
     @property
     def bundle(self) -> Bundle:
@@ -125,7 +138,9 @@ class ServerState:
         return {
             "name": d.name, "image_shape": list(b.image_shape), "num_labels": b.num_labels,
             "student_steps": b.student_steps, "teacher_default_steps": b.teacher_default_steps,
-            "teacher_max_steps": b.teacher_max_steps, "backend": e.name,
+            "teacher_max_steps": b.teacher_max_steps, "teacher_limit":
+                0 if self.settings.teacher == "off" else self.teacher_cap(d),
+            "backend": e.name,
             # batch sizes the engine pads to; [] when it runs any size (batch-invariant rows)
             "batch_buckets": e.used_buckets() if e.buckets and not e.batch_invariant else [],
             "max_batch": self.max_batch, "max_n": MAX_N, "generation": d.generation,

@@ -180,3 +180,33 @@ def test_deadline_picks_the_largest_student_that_fits_as_the_backlog_grows():
         return chosen
 
     assert asyncio.run(scenario()) == [8, 4]
+
+
+def test_a_deadline_prediction_counts_the_lane_jobs_that_share_its_batch():
+    """A deadline job is due before the plain jobs queued in its lane, but the lane's batch takes
+    them in arrival order: its predicted completion includes them (up to max_batch rows)."""
+    engine = FakeEngine(per_image_step_s=0.01)
+
+    async def scenario():
+        b = make(engine, max_batch=6)
+        b.seed_run_times("m", {("student", 4): 0.04, ("student", 1): 0.01})
+        b.start()
+        engine.gate.clear()
+        blocker = asyncio.create_task(b.submit(("m", "student", 1), *noise(), timeout_s=10))
+        await asyncio.sleep(0.05)  # running, held at the gate
+        alone = b.predict_s(("m", "student", 4), 1, deadline_s=0.1)
+        plain = [asyncio.create_task(b.submit(("m", "student", 4), *noise(2), timeout_s=10))
+                 for _ in range(4)]
+        await asyncio.sleep(0.05)
+        crowded = b.predict_s(("m", "student", 4), 1, deadline_s=0.1)
+        other_lane = b.predict_s(("m", "student", 1), 1, deadline_s=0.1)
+        engine.gate.set()
+        await asyncio.gather(blocker, *plain)
+        await b.close(5)
+        return alone, crowded, other_lane
+
+    alone, crowded, other_lane = asyncio.run(scenario())
+    per_image = 0.01 * 4  # seconds per image at 4 steps (seeded)
+    # two of the four plain jobs (2 rows each) fit in a 6-row batch beside the new image
+    assert crowded - alone == pytest.approx(4 * per_image, rel=0.2)
+    assert other_lane < alone  # an empty lane: only the running batch and its own image

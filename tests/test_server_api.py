@@ -133,6 +133,7 @@ def test_models_health_and_docs(server, tiny_bundle_dir):
     assert info == {
         "name": bundle.name, "image_shape": [1, 28, 28], "num_labels": 10,
         "student_steps": [1, 2, 4, 8], "teacher_default_steps": 16, "teacher_max_steps": 64,
+        "teacher_limit": 16,
         "backend": "torch", "batch_buckets": [4, 8], "max_batch": 8, "max_n": 64,
         "lanes": info["lanes"],  # checked below
         "generation": 1, "sha256": info["sha256"], "default": bundle.name,
