@@ -146,6 +146,7 @@ class CudaGraphEngine(Engine):
     stream, one copy stream, one lock held only while a batch is enqueued (`launch`)."""
 
     name = "cudagraph"
+    pipelined = True  # launch() only enqueues: the scheduler keeps two batches in flight
 
     def __init__(self, bundle: Bundle, buckets: tuple[int, ...] | None = None,
                  dtype: str | torch.dtype = "float32", device: str | torch.device = "cuda",

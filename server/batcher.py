@@ -30,6 +30,10 @@
 - The teacher runs in chunks of `chunk_steps` steps where the engine can (`TeacherRun`,
   `scheduler_run.py`); after a chunk, queued lanes go before the next chunk, and a teacher
   request past its deadline (or whose client left) stops at the next chunk boundary.
+- Engines that can (`engine.pipelined`: CudaGraphEngine) keep up to two batches in flight:
+  the engine thread only launches a batch, a collector task answers it, and "engine free" for
+  the window is "a launch slot is free" (`scheduler_pipeline.py`). Other engines, and teacher
+  chunks, run one call at a time as above (after the batches in flight are collected).
 - A stalled batch (watchdog), or the batch loop ending for any reason, marks the scheduler
   failed (`failure`): its requests get 503, /healthz answers 503 and the pod restarts.
 """
@@ -56,7 +60,8 @@ from .outcomes import (  # noqa: F401  (re-exported: the scheduler's outcomes)
     Result,
     Unhealthy,
 )
-from .scheduler_run import TeacherRun, execute, execute_chunk
+from .scheduler_pipeline import Pipeline, pipelined
+from .scheduler_run import TeacherRun, execute, execute_chunk, whole
 
 CHUNK_STEPS = 8  # teacher steps per turn of the engine
 WATCHDOG_FACTOR = 10.0  # a batch over this many times its predicted time has stalled
@@ -79,7 +84,8 @@ class Batcher(Estimates, Health):
         self.chunk_steps, self.watchdog_factor = chunk_steps, watchdog_factor
         self.watchdog_min_s, self.timeout_s = watchdog_min_s, timeout_s
         self.runs: list[TeacherRun] = []  # teacher batches in progress (chunked)
-        self.running: list[Job] = []  # the jobs of the whole batch in the engine now
+        self.running: list[Job] = []  # the jobs of the whole batch(es) in the engine now
+        self._pipe = Pipeline(self)  # pipelined engines: batches in flight
         self.failure: str | None = None  # set when the scheduler can no longer serve
         self._last_chunk = False
         self._free_at, self._running_until = 0.0, 0.0  # last engine-free; running batch's end
@@ -107,19 +113,23 @@ class Batcher(Estimates, Health):
     @property
     def idle(self) -> bool:
         """Nothing queued, running or part-run."""
-        return not self.depth and not self.runs and self._running_until == 0.0
+        return (not self.depth and not self.runs and not self._pipe.flights
+                and self._running_until == 0.0)
 
     async def close(self, drain_s: float) -> int:
-        """Stop accepting, finish queued and running batches for up to drain_s; returns how
-        many queued requests had to be failed because the drain ran out of time."""
+        """Stop accepting, finish queued and running batches (those in flight included) for up
+        to drain_s; returns how many requests had to be failed because the drain ran out of
+        time."""
         self.begin_drain()
-        failed = 0
+        failed, end = 0, time.monotonic() + max(drain_s, 0.0)
         if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), max(drain_s, 0.0))
             except asyncio.TimeoutError:
                 failed = self.fail_all(Draining("server shut down before this request was done"))
                 self._task.cancel()
+        failed += await self._pipe.close(end - time.monotonic(), Draining(
+            "server shut down before this request was done"))
         self._engine.shutdown()
         self._gauges()
         return failed
@@ -242,14 +252,21 @@ class Batcher(Estimates, Health):
 
     async def _batches(self) -> None:
         while self.failure is None:
+            if self._pipe.full:  # MAX_IN_FLIGHT batches launched: wait for the oldest
+                await self._pipe.wait_slot()
+                continue
             lane = self._next_lane()
             if isinstance(lane, TeacherRun):
+                if self._pipe.flights:  # a synchronous call has the engine to itself
+                    await self._pipe.drain()
+                    continue
                 self._last_chunk = True
                 await execute_chunk(self, lane)
                 self._free_at = time.monotonic()
                 continue
             if lane is None:
                 if self._closing:
+                    await self._pipe.drain()  # close waits for the batches in flight
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -269,6 +286,10 @@ class Batcher(Estimates, Health):
                 except asyncio.TimeoutError:
                     pass
                 continue
+            head = lane.queue[0]  # take() starts from it: its engine runs the batch
+            if self._pipe.flights and (head.chunked or not pipelined(head.engine)):
+                await self._pipe.drain()  # a synchronous call has the engine to itself
+                continue
             batch, images = lane.take(self.max_batch)
             for job in batch:
                 lane.queue.remove(job)
@@ -281,6 +302,10 @@ class Batcher(Estimates, Health):
                 self.runs.append(run)
                 self._last_chunk = True
                 await execute_chunk(self, run)
+            elif pipelined(batch[0].engine):  # launched; collected by its own task
+                await self._pipe.launch(lane, batch, images)
+                self._slot_free(lane, launched=True)
+                continue
             else:
                 await execute(self, lane, batch, images)
             self._free_at = time.monotonic()
@@ -291,13 +316,14 @@ class Batcher(Estimates, Health):
     def _run(self, engine, model: str, steps: int, noise: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
         """Engine thread: one engine call per max_batch rows, then the output-count check."""
-        parts = [
-            engine.run(model, steps, noise[i: i + self.max_batch],
-                            labels[i: i + self.max_batch])
-            for i in range(0, noise.shape[0], self.max_batch)
-        ]
-        out = torch.cat(parts) if parts else noise[:0]
-        if not isinstance(out, torch.Tensor) or out.shape[0] != noise.shape[0]:
-            got = out.shape[0] if isinstance(out, torch.Tensor) else type(out).__name__
-            raise BatchFailed(f"engine returned {got} images for {noise.shape[0]} inputs")
-        return out
+        m = self.max_batch
+        return whole([engine.run(model, steps, noise[i: i + m], labels[i: i + m])
+                      for i in range(0, noise.shape[0], m)], noise)
+
+    def _slot_free(self, lane: Lane, images: int = 0, launched: bool = False) -> None:
+        """Pipelined engines: a launch slot is free, which is "engine free" for the window. A
+        launch takes its lane's expected rows (left: what is still queued); a collection adds
+        its images to its lane's (its closed-loop clients come back)."""
+        self._free_at = time.monotonic()
+        e, key = self._expected, lane.key
+        e[key] = lane.rows if launched else max(e.get(key, 0), lane.rows) + images

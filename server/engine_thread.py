@@ -1,7 +1,8 @@
 """The one engine thread: runs engine calls in order, as a daemon (never blocks exit).
 
 A `ThreadPoolExecutor` worker is joined when the interpreter exits, so an engine call that
-hangs would keep a SIGTERM-ed server from exiting; this thread is a daemon instead.
+hangs would keep a SIGTERM-ed server from exiting; this thread is a daemon instead. The
+scheduler's collector (`scheduler_pipeline.py`: waits for launched batches' images) is one too.
 """
 
 from __future__ import annotations

@@ -122,19 +122,34 @@ def _record(b: Batcher, lane: Lane, rows: int, run_s: float, predicted: float,
     lane.observe(rows, run_s, steps)
 
 
-async def execute(b: Batcher, lane: Lane, batch: list[Job], images: int) -> None:
-    """Run `batch` (images in all) of `lane` whole and answer each of its jobs."""
+def begin_batch(b: Batcher, lane: Lane, batch: list[Job], images: int) -> tuple[float, float]:
+    """A whole batch starts now: its jobs' queue waits, its size and padding go to the metrics.
+    Returns (started, predicted engine seconds)."""
     m = b.metrics
     started = time.monotonic()
-    _, model, steps = lane.key
-    engine = batch[0].engine
-    predicted = lane.cost_s(images, b._default_image_step_s())
     for job in batch:
         m.queue_wait.observe(started - job.enqueued)
         job.started = started
     m.batch_size.observe(images)
-    added = padded_rows(engine, model, images, b.max_batch)
+    added = padded_rows(batch[0].engine, lane.model, images, b.max_batch)
     m.padded_rows.labels(lane.bundle, lane.label).inc(added)
+    return started, lane.cost_s(images, b._default_image_step_s())
+
+
+def whole(parts: list, noise: torch.Tensor) -> torch.Tensor:
+    """The images of a batch run in max_batch chunks; BatchFailed unless one per input."""
+    out = torch.cat(parts) if parts else noise[:0]
+    if not isinstance(out, torch.Tensor) or out.shape[0] != noise.shape[0]:
+        got = out.shape[0] if isinstance(out, torch.Tensor) else type(out).__name__
+        raise BatchFailed(f"engine returned {got} images for {noise.shape[0]} inputs")
+    return out
+
+
+async def execute(b: Batcher, lane: Lane, batch: list[Job], images: int) -> None:
+    """Run `batch` (images in all) of `lane` whole and answer each of its jobs."""
+    _, model, steps = lane.key
+    engine = batch[0].engine
+    started, predicted = begin_batch(b, lane, batch, images)
     noise = torch.cat([job.noise for job in batch])
     labels = torch.cat([job.labels for job in batch])
     b.running = batch
