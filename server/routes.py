@@ -171,8 +171,8 @@ def _deadline_s(job: GenerateJob) -> float | None:
 def choose_student(state: ServerState, d: Deployment, job: GenerateJob,
                    deadline_s: float) -> int:
     """The largest student of bundle d within the job's step ceiling predicted to finish by
-    deadline_s (with exact=true, only the job's own student); Overloaded (503 + Retry-After)
-    when not even the fewest-step student is."""
+    deadline_s (the engine's share of the job's deadline_ms; with exact=true, only the job's
+    own student); Overloaded (503 + Retry-After) when not even the fewest-step student is."""
     batcher = state.batcher
     students = sorted((s for s in d.bundle.student_steps if s <= job.steps), reverse=True)
     if job.exact:
@@ -182,8 +182,10 @@ def choose_student(state: ServerState, d: Deployment, job: GenerateJob,
         predicted = batcher.predict_s((d.name, "student", steps), job.n, deadline_s)
         if predicted <= deadline_s:
             return steps
-    raise Overloaded(f"no student meets deadline_ms={deadline_s * 1e3:.0f}: the fastest is "
-                     f"predicted at {predicted * 1e3:.1f} ms", predicted - deadline_s)
+    asked = getattr(job, "deadline_ms", None) or round(deadline_s * 1e3)
+    raise Overloaded(f"no student meets deadline_ms={asked}: the fastest is predicted at "
+                     f"{predicted * 1e3:.1f} ms (engine share of the deadline "
+                     f"{deadline_s * 1e3:.1f} ms)", predicted - deadline_s)
 
 
 class _EncodeLoop:
