@@ -27,7 +27,8 @@
 - A request still queued at its deadline is dropped (DeadlineExceeded) without waiting for the
   engine; a cancelled one is dropped before its batch; a failing batch fails only its requests.
   Refusals are raised, not counted here: the HTTP layer answers and counts each one.
-- The teacher runs in chunks of `chunk_steps` steps where the engine can (`TeacherRun`,
+- The teacher runs in chunks of up to `chunk_steps` steps where the engine can (fewer when a
+  large teacher batch would hold the engine over `chunk_budget_s` per turn; `TeacherRun`,
   `scheduler_run.py`); after a chunk, queued lanes go before the next chunk, and a teacher
   request past its deadline (or whose client left) stops at the next chunk boundary.
 - Engines that can (`engine.pipelined`: CudaGraphEngine) keep up to two batches in flight:
@@ -63,7 +64,8 @@ from .outcomes import (  # noqa: F401  (re-exported: the scheduler's outcomes)
 from .scheduler_pipeline import Pipeline, pipelined
 from .scheduler_run import TeacherRun, execute, execute_chunk, whole
 
-CHUNK_STEPS = 8  # teacher steps per turn of the engine
+CHUNK_STEPS = 8  # most teacher steps per turn of the engine
+CHUNK_BUDGET_S = 0.1  # ... and fewer when those take longer than this (at least one step)
 WATCHDOG_FACTOR = 10.0  # a batch over this many times its predicted time has stalled
 WATCHDOG_MIN_S = 5.0  # ... and over at least this long
 
@@ -71,7 +73,8 @@ WATCHDOG_MIN_S = 5.0  # ... and over at least this long
 class Batcher(Estimates, Health):
     def __init__(self, engines: dict, max_batch: int, max_wait_s: float, max_queue: int,
                  metrics: Metrics, wait_fraction: float = 0.1, *,
-                 chunk_steps: int = CHUNK_STEPS, watchdog_factor: float = WATCHDOG_FACTOR,
+                 chunk_steps: int = CHUNK_STEPS, chunk_budget_s: float = CHUNK_BUDGET_S,
+                 watchdog_factor: float = WATCHDOG_FACTOR,
                  watchdog_min_s: float = WATCHDOG_MIN_S, timeout_s: float = 30.0) -> None:
         self.engines = dict(engines)  # bundle name -> the engine new requests are bound to
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -82,6 +85,7 @@ class Batcher(Estimates, Health):
         self._task: asyncio.Task | None = None
         self._engine = EngineThread()
         self.chunk_steps, self.watchdog_factor = chunk_steps, watchdog_factor
+        self.chunk_budget_s = chunk_budget_s
         self.watchdog_min_s, self.timeout_s = watchdog_min_s, timeout_s
         self.runs: list[TeacherRun] = []  # teacher batches in progress (chunked)
         self.running: list[Job] = []  # the jobs of the whole batch(es) in the engine now
@@ -168,7 +172,7 @@ class Batcher(Estimates, Health):
                                  f"over the bound {max_backlog_s:g} s",
                                  backlog + cost - max_backlog_s)
         due = now + self._relative_due(key, n, deadline_s, timeout_s)
-        predicted = self.backlog_s(due) + cost
+        predicted = self.backlog_s(due) + self.joining_s(key, n, due) + cost  # as predict_s
         if deadline_s is not None and predicted > deadline_s:
             raise Overloaded(f"predicted completion {predicted * 1e3:.1f} ms misses the "
                              f"deadline {deadline_s * 1e3:.0f} ms", predicted - deadline_s)
@@ -176,7 +180,7 @@ class Batcher(Estimates, Health):
         engine = self.engines[key[0]]
         job = Job(key, engine, noise, labels, now, now + limit, due, cost,
                   asyncio.get_running_loop().create_future(),
-                  chunked=self._chunked(key, engine))
+                  chunked=self._chunked(key, engine), firm=deadline_s is not None)
         self.lane(key).queue.append(job)
         self._gauges()
         self._wakeup.set()
@@ -230,6 +234,13 @@ class Batcher(Estimates, Health):
         return model == "teacher" and 0 < self.chunk_steps < steps and bool(
             chunkable and chunkable("teacher"))
 
+    def chunk_for(self, run: TeacherRun) -> int:
+        """Teacher steps of `run`'s next turn: chunk_steps, fewer when that would hold the
+        engine over chunk_budget_s (a large teacher batch), at least one."""
+        per_step = run.rows * (run.lane.image_step_s or self._default_image_step_s())
+        fits = int(self.chunk_budget_s / per_step) if per_step > 0 else self.chunk_steps
+        return max(1, min(self.chunk_steps, fits))
+
     def _next_lane(self) -> Lane | TeacherRun | None:
         """Earliest deadline first: the lane holding the queued job with the soonest due, or a
         teacher run in progress (right after one of its chunks, queued lanes go first)."""
@@ -278,6 +289,11 @@ class Batcher(Estimates, Health):
             newest, cap = max(j.enqueued for j in lane.queue), max(gap, self.wait_fraction * (
                 lane.batch_s or 0.0))  # before any client came back: the whole cap
             end = min(newest + gap, first + cap) if newest > self._free_at else first + cap
+            firm = [j.due for j in lane.queue if j.firm]  # a job with its own deadline_ms:
+            if firm:  # wait for company only while the batch it would make (x2, a margin for
+                # the estimate) still finishes in time
+                full = lane.cost_s(expected, self._default_image_step_s())
+                end = min(end, min(firm) - 2 * full)
             wait = end - time.monotonic()
             if rows < expected and wait > 0 and not self._closing and not self.runs:
                 self._wakeup.clear()  # woken early by a new request, a drop, or close()

@@ -49,6 +49,7 @@ class Job:
     state: str = "queued"  # queued -> running -> done, or queued -> dropped; or abandoned
     started: float = field(default=0.0)
     chunked: bool = False  # a teacher job run in chunks of steps (TeacherRun)
+    firm: bool = False  # its due is its own deadline (deadline_ms): the window respects it
 
     @property
     def n(self) -> int:

@@ -179,7 +179,7 @@ async def execute_chunk(b: Batcher, run: TeacherRun) -> None:
     if not run.jobs:
         b.runs.remove(run)
         return
-    start, stop = run.done, min(run.done + b.chunk_steps, lane.steps)
+    start, stop = run.done, min(run.done + b.chunk_for(run), lane.steps)
     rows = run.rows
     if start == 0:
         for job in run.jobs:

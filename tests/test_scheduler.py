@@ -210,3 +210,42 @@ def test_a_deadline_prediction_counts_the_lane_jobs_that_share_its_batch():
     # two of the four plain jobs (2 rows each) fit in a 6-row batch beside the new image
     assert crowded - alone == pytest.approx(4 * per_image, rel=0.2)
     assert other_lane < alone  # an empty lane: only the running batch and its own image
+
+
+def test_the_window_never_holds_a_deadline_job_past_its_deadline():
+    """A lane expecting its 4 clients back waits up to a long window for them, but not a job
+    with its own deadline: that one runs while its batch can still finish in time."""
+    engine = FakeEngine(per_image_step_s=0.001)
+
+    async def scenario(deadline_s):
+        b = make(engine, max_wait_s=1.0, wait_fraction=1000.0)  # windows of up to 1 s
+        b.seed_run_times("m", {("student", 4): 0.004})
+        b.start()
+        await asyncio.gather(*(b.submit(("m", "student", 4), *noise(), timeout_s=10)
+                               for _ in range(4)))  # a batch of 4: expect 4 back
+        started = time.monotonic()
+        await b.submit(("m", "student", 4), *noise(), timeout_s=10, deadline_s=deadline_s)
+        took = time.monotonic() - started
+        await b.close(5)
+        return took
+
+    assert asyncio.run(scenario(0.3)) < 0.3  # in time (it would wait ~1 s for company)
+    assert asyncio.run(scenario(None)) > 0.5  # the same window does hold a plain request
+
+
+def test_teacher_chunks_shrink_to_the_chunk_budget():
+    from halfstep.server.lanes import Lane
+    from halfstep.server.scheduler_run import TeacherRun
+
+    b = make(FakeEngine(), chunk_steps=8, chunk_budget_s=0.1)
+    lane = Lane(("m", "teacher", 256))
+    lane.image_step_s = 0.004
+
+    def chunk(rows: int) -> int:
+        job = SimpleNamespace(n=rows)
+        return b.chunk_for(TeacherRun(lane, [job], torch.zeros(rows, *SHAPE),
+                                      torch.zeros(rows, dtype=torch.int64)))
+
+    assert chunk(1) == 8  # 8 steps of one image: 32 ms
+    assert chunk(5) == 5  # 20 ms per step: five fit in 0.1 s
+    assert chunk(64) == 1  # 256 ms per step: one step per turn, never zero
