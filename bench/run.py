@@ -24,6 +24,7 @@ from .engines import bench_engines
 from .targets import (
     TARGET_FLOOR,
     TARGET_OVERHEAD,
+    TARGET_RISING,
     TARGET_TEACHER_RATIO,
     TARGET_THROUGHPUT,
     TARGET_VS_DIFFUSERS,
@@ -228,6 +229,16 @@ def targets(r: dict) -> dict:
             top["images_per_s"] / max(rates), TARGET_THROUGHPUT, True,
             f"HTTP images/s at concurrency {top['concurrency']} / best in-process {backend} "
             f"images/s over batches, {top['steps']} steps")
+    levels = sorted((t for t in r.get("throughput") or [] if t["images_per_s"]),
+                    key=lambda t: t["concurrency"])
+    if len(levels) > 1:
+        pairs = [(b["images_per_s"] / a["images_per_s"], a["concurrency"], b["concurrency"])
+                 for a, b in zip(levels, levels[1:])]
+        worst = min(pairs)
+        out["throughput_rising"] = judge(
+            worst[0], TARGET_RISING, True,
+            f"lowest images/s ratio between neighbouring concurrencies ({worst[2]} vs "
+            f"{worst[1]} clients)")
     if "mixed" in r:
         out["mixed_p99_vs_solo_p50"] = bench_mixed.mixed_target(r["mixed"])
     if "deadline" in r:

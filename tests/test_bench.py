@@ -109,3 +109,21 @@ def test_unreachable_loopback_server_is_a_clear_error(capsys):
 
     assert main(["bench", "--url", f"http://127.0.0.1:{free_port()}", "--quick"]) == 2
     assert "cannot query" in capsys.readouterr().err
+
+
+def test_throughput_targets_rising_and_vs_engine():
+    from halfstep.bench.run import targets
+
+    def result(rates):
+        return {"server": {"backend": "onnxruntime"}, "latency": [],
+                "engines": [{"backend": "onnxruntime", "steps": 4, "batch": 64,
+                             "median_ms": 800.0}],  # 80 images/s
+                "throughput": [{"concurrency": c, "steps": 4, "images_per_s": v}
+                               for c, v in zip((1, 8, 32), rates)]}
+
+    good = targets(result((50.0, 70.0, 75.0)))
+    assert good["throughput_rising"]["met"] and good["throughput_vs_engine"]["value"] == 0.938
+    bad = targets(result((60.0, 74.0, 70.0)))
+    assert not bad["throughput_rising"]["met"]
+    assert "32 vs 8 clients" in bad["throughput_rising"]["detail"]
+    assert not bad["throughput_vs_engine"]["met"]  # 70 / 80 = 0.875 < 0.9
