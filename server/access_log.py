@@ -127,6 +127,7 @@ class RequestContext:
         request_id = request_id_from(scope)
         token = request_id_var.set(request_id)
         started = time.perf_counter()
+        scope.setdefault("state", {})["arrived"] = started  # request.state.arrived (deadlines)
         status, headers = 500, {}
 
         async def send_with_id(message: Message) -> None:

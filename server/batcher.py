@@ -95,6 +95,7 @@ class Batcher(Estimates, Health):
         self._free_at, self._running_until = 0.0, 0.0  # last engine-free; running batch's end
         self._expected: dict[LaneKey, int] = {}  # rows each lane expects (window)
         self._busy_s, self._busy_since = 0.0, time.monotonic()
+        self._ratios = self.new_ratios()  # deadline_ms calibration (Estimates.deadline_slack)
 
     # -- lifecycle ------------------------------------------------------------------------
     def set_engine(self, bundle: str, engine) -> None:
@@ -173,9 +174,11 @@ class Batcher(Estimates, Health):
                                  backlog + cost - max_backlog_s)
         due = now + self._relative_due(key, n, deadline_s, timeout_s)
         predicted = self.backlog_s(due) + self.joining_s(key, n, due) + cost  # as predict_s
-        if deadline_s is not None and predicted > deadline_s:
-            raise Overloaded(f"predicted completion {predicted * 1e3:.1f} ms misses the "
-                             f"deadline {deadline_s * 1e3:.0f} ms", predicted - deadline_s)
+        slack = self.deadline_slack() if deadline_s is not None else 1.0
+        if deadline_s is not None and predicted * slack > deadline_s:
+            raise Overloaded(f"predicted completion {predicted * slack * 1e3:.1f} ms misses "
+                             f"the deadline {deadline_s * 1e3:.0f} ms",
+                             predicted * slack - deadline_s)
         limit = timeout_s if deadline_s is None else min(timeout_s, deadline_s)
         engine = self.engines[key[0]]
         job = Job(key, engine, noise, labels, now, now + limit, due, cost,

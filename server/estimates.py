@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 from .lanes import Lane, LaneKey
 
 DUE_SLACK = 4.0  # a job without its own deadline is due after 4 of its lane's batch times
+# deadline_ms calibration: predictions are scaled by this quantile of actual / predicted
+# completion over the last deadline jobs (at least 1; only once enough have finished)
+CALIBRATION_QUANTILE = 0.99
+CALIBRATION_KEEP = 256
+CALIBRATION_MIN = 20
 
 
 class Estimates:
     lanes: dict[LaneKey, Lane]
     runs: list
     max_batch: int
+    _ratios: deque  # actual / predicted of recent deadline jobs (new_ratios())
     max_wait_s: float
     wait_fraction: float
     watchdog_factor: float
     watchdog_min_s: float
     timeout_s: float
     _running_until: float
+
+    @staticmethod
+    def new_ratios() -> deque:
+        return deque(maxlen=CALIBRATION_KEEP)
 
     # -- estimates ------------------------------------------------------------------------
     def lane(self, key: LaneKey) -> Lane:
@@ -91,6 +102,19 @@ class Estimates:
             return deadline_s
         estimate = self.lane(key).batch_s or self.cost_s(key, n)
         return min(DUE_SLACK * estimate, timeout_s / 2)
+
+    def observe_deadline_job(self, actual_s: float, predicted_s: float) -> None:
+        """A deadline job was answered actual_s after it arrived; predicted_s was predicted."""
+        self._ratios.append(actual_s / max(predicted_s, 1e-4))
+
+    def deadline_slack(self) -> float:
+        """The factor deadline predictions are multiplied by: the CALIBRATION_QUANTILE of
+        actual / predicted over recent deadline jobs (the tail the mean estimates miss: batch
+        times vary, the machine is shared), at least 1; 1 until CALIBRATION_MIN finished."""
+        ratios = sorted(self._ratios)
+        if len(ratios) < CALIBRATION_MIN:
+            return 1.0
+        return max(1.0, ratios[min(len(ratios) - 1, int(CALIBRATION_QUANTILE * len(ratios)))])
 
     def watchdog_limit_s(self, predicted_s: float) -> float:
         """How long an engine call predicted to take predicted_s may run before it stalled."""

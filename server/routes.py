@@ -138,7 +138,11 @@ async def answer_generate(request: Request, query: BaseModel,
         earlier = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = f"{earlier}, {timing}" if earlier else timing
         response.headers["X-Halfstep-Bundle"] = d.name
-        state.observe_overhead(time.perf_counter() - started - result.queue_s - result.run_s)
+        # from its arrival at the outermost middleware: what deadline_ms is measured against
+        total = time.perf_counter() - (getattr(request.state, "arrived", None) or started)
+        state.observe_overhead(total - result.queue_s - result.run_s)
+        if job.deadline_ms is not None:  # calibrates the next deadline predictions
+            state.batcher.observe_deadline_job(total, result.predicted_s + state.overhead_s)
     except REFUSALS as exc:
         response = reject(request, exc)
     finally:
@@ -177,9 +181,9 @@ def choose_student(state: ServerState, d: Deployment, job: GenerateJob,
     students = sorted((s for s in d.bundle.student_steps if s <= job.steps), reverse=True)
     if job.exact:
         students = [job.steps]
-    predicted = 0.0
+    predicted, slack = 0.0, batcher.deadline_slack()  # slack: the predictions' recent tail
     for steps in students:
-        predicted = batcher.predict_s((d.name, "student", steps), job.n, deadline_s)
+        predicted = batcher.predict_s((d.name, "student", steps), job.n, deadline_s) * slack
         if predicted <= deadline_s:
             return steps
     asked = getattr(job, "deadline_ms", None) or round(deadline_s * 1e3)

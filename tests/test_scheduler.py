@@ -249,3 +249,39 @@ def test_teacher_chunks_shrink_to_the_chunk_budget():
     assert chunk(1) == 8  # 8 steps of one image: 32 ms
     assert chunk(5) == 5  # 20 ms per step: five fit in 0.1 s
     assert chunk(64) == 1  # 256 ms per step: one step per turn, never zero
+
+
+def test_deadline_predictions_are_calibrated_by_their_recent_tail():
+    """Once deadline jobs have finished later than predicted, the predictions that choose the
+    student and admit a deadline job are scaled by that tail (and never scaled below 1)."""
+    b = make(FakeEngine())
+    assert b.deadline_slack() == 1.0
+    for _ in range(19):
+        b.observe_deadline_job(actual_s=0.2, predicted_s=0.1)
+    assert b.deadline_slack() == 1.0  # too few to trust yet
+    for i in range(81):
+        b.observe_deadline_job(actual_s=0.1 if i < 70 else 0.3, predicted_s=0.1)
+    # 100 ratios: 70 x 1.0, 19 x 2.0, 11 x 3.0: the 99th percentile is 3.0
+    assert b.deadline_slack() == pytest.approx(3.0)
+    for _ in range(256):
+        b.observe_deadline_job(actual_s=0.05, predicted_s=0.1)
+    assert b.deadline_slack() == 1.0  # faster than predicted: never below 1
+
+    engine = FakeEngine(per_image_step_s=0.01)
+
+    async def scenario():
+        b = make(engine)
+        b.seed_run_times("m", {("student", s): 0.01 * s for s in (1, 2, 4)})
+        d = SimpleNamespace(name="m", bundle=SimpleNamespace(student_steps=[1, 2, 4]))
+        job = SimpleNamespace(steps=4, n=1, exact=False)
+        b.start()
+        chosen = [choose_student(SimpleNamespace(batcher=b), d, job, 0.05)]  # 40 ms fits
+        for _ in range(20):
+            b.observe_deadline_job(actual_s=0.2, predicted_s=0.1)  # twice as slow as predicted
+        chosen.append(choose_student(SimpleNamespace(batcher=b), d, job, 0.05))
+        with pytest.raises(Overloaded, match="misses the deadline"):
+            await b.submit(("m", "student", 4), *noise(), timeout_s=10, deadline_s=0.05)
+        await b.close(5)
+        return chosen
+
+    assert asyncio.run(scenario()) == [4, 2]  # 2 x 40 ms misses 50 ms; 2 x 20 ms fits
