@@ -109,7 +109,7 @@ say "reduced precision (informational: may be refused by the float32 tolerance c
 
 # -- 4. halfstep bench (informational: its exit status does not change ours) ------------------
 say "halfstep bench --quick on the embedded bundle"
-(cd "$RUN_DIR" && timeout 150 "$PY" -m halfstep bench --bundle "$REPO/server/bundles/mnist" --quick \
+(cd "$RUN_DIR" && timeout 210 "$PY" -m halfstep bench --bundle "$REPO/server/bundles/mnist" --quick \
   --cell-budget-s 5 --json "$OUT_DIR/bench.json" --plot "$OUT_DIR/bench.png") \
   > "$OUT_DIR/bench.txt" 2>&1
 say "halfstep bench exit $?"
