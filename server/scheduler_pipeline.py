@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .engine_thread import EngineThread
+from .engine_thread import EngineThread, run_limited
 from .lanes import Job, Lane
 from .outcomes import BatchFailed, Unhealthy
 from .scheduler_run import _answer, _busy, _fail_all, _record, begin_batch, whole
@@ -134,11 +134,9 @@ class Pipeline:
         self._update()
         noise = torch.cat([job.noise for job in batch])
         labels = torch.cat([job.labels for job in batch])
-        future = asyncio.wrap_future(
-            b._engine.submit(self._launch, engine, model, steps, noise, labels))
-        try:
-            pendings = await asyncio.wait_for(asyncio.shield(future),
-                                              flight.deadline - started)
+        call = b._engine.submit(self._launch, engine, model, steps, noise, labels)
+        try:  # its limit counts from when the engine thread begins the launch
+            pendings = await run_limited(call, flight.deadline - started)
         except asyncio.TimeoutError:
             self._stalled(flight, "launch")
             return
@@ -149,6 +147,7 @@ class Pipeline:
             self._done(flight, time.monotonic())
             _fail_all(b, batch, BatchFailed(f"{type(exc).__name__}: {exc}"))
             return
+        flight.deadline += max(0.0, getattr(call, "began", started) - started)  # queued time
         if self._collector is None:
             self._collector = EngineThread("halfstep-collector")
         flight.task = asyncio.get_running_loop().create_task(

@@ -8,8 +8,9 @@ engine that can run it in slices (`Engine.run_chunk`) is a `TeacherRun` instead:
 at each chunk boundary its requests past their deadline (504) or abandoned by their client
 are dropped, and the run stops once none is left.
 
-Watchdog: a call running longer than max(watchdog_factor x its predicted time, watchdog_min_s)
-fails its requests with 503 and marks the scheduler failed (/healthz 503: the pod restarts).
+Watchdog: a call running longer than max(watchdog_factor x its predicted time, watchdog_min_s),
+counted from when the engine thread begins it (not while it waits behind a warm-up), fails its
+requests with 503 and marks the scheduler failed (/healthz 503: the pod restarts).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .engine_thread import run_limited
 from .lanes import Job, Lane
 from .outcomes import BatchFailed, DeadlineExceeded, Result, Unhealthy
 
@@ -99,11 +101,12 @@ async def guarded(b: Batcher, lane: Lane, predicted: float, fn, *args):
     limit = b.watchdog_limit_s(predicted)
     started = time.monotonic()
     b._running_until = started + predicted
-    future = asyncio.wrap_future(b._engine.submit(fn, *args))
+    call = b._engine.submit(fn, *args)
     try:
-        return await asyncio.wait_for(asyncio.shield(future), limit)
+        return await run_limited(call, limit)
     except asyncio.TimeoutError:
-        reason = (f"engine stalled: a {lane.label} batch ran {time.monotonic() - started:.1f} s, "
+        ran = time.monotonic() - getattr(call, "began", started)
+        reason = (f"engine stalled: a {lane.label} batch ran {ran:.1f} s, "
                   f"over {b.watchdog_factor:g} x its expected {predicted:.3f} s "
                   f"(limit {limit:.1f} s)")
         b.fail_scheduler(reason)

@@ -195,3 +195,24 @@ def test_the_engine_thread_never_blocks_interpreter_exit():
     worker.shutdown()
     worker.thread.join(5)
     assert not worker.thread.is_alive()
+
+
+def test_a_batch_queued_behind_a_warm_up_is_not_a_stall():
+    """Another bundle's warm-up (or a reload's, on CUDA) runs in the engine thread; a batch
+    waiting behind it has not started, so its watchdog does not count that wait."""
+    engine = ChunkEngine()
+
+    async def scenario():
+        b = make(engine, watchdog_min_s=0.3, watchdog_factor=1.0)
+        b.seed_run_times("m", {("student", 1): 0.001})
+        b.start()
+        warm = asyncio.ensure_future(b.call_in_engine_thread(time.sleep, 1.0))
+        await asyncio.sleep(0.05)
+        result = await b.submit(("m", "student", 1), *inputs(), 30.0)
+        await warm
+        failure = b.failure
+        await b.close(5)
+        return result, failure
+
+    result, failure = asyncio.run(scenario())
+    assert result.images.shape[0] == 1 and failure is None
