@@ -154,10 +154,11 @@ class Batcher(Estimates, Health):
     # -- requests -------------------------------------------------------------------------
     async def submit(self, key: LaneKey, noise: torch.Tensor, labels: torch.Tensor,
                      timeout_s: float, *, deadline_s: float | None = None,
-                     max_backlog_s: float = 0.0) -> Result:
+                     max_backlog_s: float = 0.0, engine=None) -> Result:
         """Queue one request of lane `key` = (bundle, model, steps) and wait for its images.
         deadline_s: it must be done by then (refused at once if predicted not to be);
-        max_backlog_s > 0 bounds queued work."""
+        max_backlog_s > 0 bounds queued work; engine: the one it was checked against (default:
+        the bundle's current engine)."""
         if self.failure is not None:
             raise Unhealthy(f"{self.failure}; this server is restarting, retry elsewhere")
         if self._closing:
@@ -173,14 +174,12 @@ class Batcher(Estimates, Health):
                                  f"over the bound {max_backlog_s:g} s",
                                  backlog + cost - max_backlog_s)
         due = now + self._relative_due(key, n, deadline_s, timeout_s)
-        predicted = self.backlog_s(due) + self.joining_s(key, n, due) + cost  # as predict_s
-        slack = self.deadline_slack() if deadline_s is not None else 1.0
-        if deadline_s is not None and predicted * slack > deadline_s:
-            raise Overloaded(f"predicted completion {predicted * slack * 1e3:.1f} ms misses "
-                             f"the deadline {deadline_s * 1e3:.0f} ms",
-                             predicted * slack - deadline_s)
+        predicted = self.predicted_at(key, n, due, cost)
+        if deadline_s is not None and predicted > deadline_s:
+            raise Overloaded(f"predicted completion {predicted * 1e3:.1f} ms misses the "
+                             f"deadline {deadline_s * 1e3:.0f} ms", predicted - deadline_s)
         limit = timeout_s if deadline_s is None else min(timeout_s, deadline_s)
-        engine = self.engines[key[0]]
+        engine = engine or self.engines[key[0]]
         job = Job(key, engine, noise, labels, now, now + limit, due, cost,
                   asyncio.get_running_loop().create_future(),
                   chunked=self._chunked(key, engine), firm=deadline_s is not None)

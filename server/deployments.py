@@ -144,8 +144,10 @@ def open_deployment(settings: Settings, spec: BundleSpec, export_cache: bool = F
 
 def open_deployments(settings: Settings, export_cache: bool = False) -> list[Deployment]:
     """Every bundle of the settings (`--bundle`, HALFSTEP_BUNDLE(S); none: the embedded one),
-    in order: the first is the default."""
+    in order: the first is the default. Names are checked before any engine is built."""
     specs = [BundleSpec.parse(text) for text in settings.bundle_specs()] or [BundleSpec.parse(None)]
-    deployments = [open_deployment(settings, spec, export_cache) for spec in specs]
-    check_distinct([d.name for d in deployments])
-    return deployments
+    bundles = [load_bundle(spec.path) for spec in specs]
+    names = [deployment_name(spec, bundle) for spec, bundle in zip(specs, bundles)]
+    check_distinct(names)
+    return [open_deployment(settings, spec, export_cache, name, bundle=bundle)
+            for spec, bundle, name in zip(specs, bundles, names)]

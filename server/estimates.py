@@ -14,11 +14,16 @@ from collections import deque
 from .lanes import Lane, LaneKey
 
 DUE_SLACK = 4.0  # a job without its own deadline is due after 4 of its lane's batch times
-# deadline_ms calibration: predictions are scaled by this quantile of actual / predicted
-# completion over the last deadline jobs (at least 1; only once enough have finished)
+# deadline_ms calibration: the share of deadline time left to the engine is divided by this
+# quantile of actual / predicted time over recent deadline requests (at least 1, at most
+# CALIBRATION_MAX; samples older than CALIBRATION_AGE_S are dropped, so a burst of slow
+# requests cannot keep refusing deadline requests once it has passed)
 CALIBRATION_QUANTILE = 0.99
 CALIBRATION_KEEP = 256
-CALIBRATION_MIN = 20
+CALIBRATION_MIN = 20  # fewer samples: no calibration (1)
+CALIBRATION_FULL = 100  # fewer: the 90th percentile (the 99th of so few is their maximum)
+CALIBRATION_MAX = 4.0
+CALIBRATION_AGE_S = 60.0
 
 
 class Estimates:
@@ -46,6 +51,14 @@ class Estimates:
         (Engine.warm_run_s, keyed by (model, steps))."""
         for (model, steps), seconds in run_s.items():
             self.lane((bundle, model, steps)).seed(float(seconds))
+
+    def reseed(self, bundle: str, run_s: dict[tuple[str, int], float]) -> None:
+        """A bundle's engine was swapped: its lanes' estimates start over from the new engine's
+        warm-up timings (the old engine's measurements no longer apply)."""
+        for (name, _, _), lane in self.lanes.items():
+            if name == bundle:
+                lane.image_step_s = lane.batch_s = None
+        self.seed_run_times(bundle, run_s)
 
     def _default_image_step_s(self) -> float:
         """For a lane never measured: the slowest known cost per image-step (cautious)."""
@@ -81,7 +94,10 @@ class Estimates:
         due before it, the jobs already queued in its lane that will share its batch, and its
         own images."""
         due = time.monotonic() + self._relative_due(key, n, deadline_s)
-        return self.backlog_s(due) + self.joining_s(key, n, due) + self.cost_s(key, n)
+        return self.predicted_at(key, n, due, self.cost_s(key, n))
+
+    def predicted_at(self, key: LaneKey, n: int, due: float, cost: float) -> float:
+        return self.backlog_s(due) + self.joining_s(key, n, due) + cost
 
     def joining_s(self, key: LaneKey, n: int, due: float) -> float:
         """Engine seconds of the jobs queued in `key`'s lane that are due after `due` but will
@@ -105,16 +121,21 @@ class Estimates:
 
     def observe_deadline_job(self, actual_s: float, predicted_s: float) -> None:
         """A deadline job was answered actual_s after it arrived; predicted_s was predicted."""
-        self._ratios.append(actual_s / max(predicted_s, 1e-4))
+        self._ratios.append((time.monotonic(), actual_s / max(predicted_s, 1e-4)))
 
     def deadline_slack(self) -> float:
-        """The factor deadline predictions are multiplied by: the CALIBRATION_QUANTILE of
-        actual / predicted over recent deadline jobs (the tail the mean estimates miss: batch
-        times vary, the machine is shared), at least 1; 1 until CALIBRATION_MIN finished."""
-        ratios = sorted(self._ratios)
+        """The factor deadline predictions are scaled by: a high quantile of actual / predicted
+        over recent deadline jobs (the tail the mean estimates miss: batch times vary, the
+        machine is shared), between 1 and CALIBRATION_MAX; 1 until CALIBRATION_MIN recent ones
+        finished."""
+        old = time.monotonic() - CALIBRATION_AGE_S
+        while self._ratios and self._ratios[0][0] < old:
+            self._ratios.popleft()
+        ratios = sorted(ratio for _, ratio in self._ratios)
         if len(ratios) < CALIBRATION_MIN:
             return 1.0
-        return max(1.0, ratios[min(len(ratios) - 1, int(CALIBRATION_QUANTILE * len(ratios)))])
+        q = CALIBRATION_QUANTILE if len(ratios) >= CALIBRATION_FULL else 0.9
+        return min(CALIBRATION_MAX, max(1.0, ratios[min(len(ratios) - 1, int(q * len(ratios)))]))
 
     def watchdog_limit_s(self, predicted_s: float) -> float:
         """How long an engine call predicted to take predicted_s may run before it stalled."""

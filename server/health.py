@@ -17,7 +17,7 @@ log = logging.getLogger("halfstep.server")
 
 
 class Health:
-    lanes: dict[tuple[str, int], Lane]
+    lanes: dict[tuple[str, str, int], Lane]  # (bundle, model, steps)
     runs: list
     running: list[Job]
     failure: str | None

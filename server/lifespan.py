@@ -68,7 +68,9 @@ async def warm_up(state: ServerState) -> None:
     """Warm each bundle's engine up in the engine thread, in order; each bundle serves as soon
     as its own warm-up succeeded. The server is ready once all have."""
     for d in list(state.deployments.values()):
-        await warm_deployment(state, d)
+        async with state.reload_lock:  # a reload swapping d meanwhile warms its own engine
+            if state.deployments.get(d.name) is d:
+                await warm_deployment(state, d)
     if state.ready:
         state.metrics.ready.set(1)
 
@@ -98,8 +100,14 @@ def on_sighup(state: ServerState):
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()
 
+    async def reload_logged() -> None:
+        try:
+            await reload_all(state, reason="SIGHUP")
+        except Exception as exc:  # e.g. Draining: a line in the log, not a stray traceback
+            log.warning("reload (SIGHUP) not done: %s", exc)
+
     def hangup() -> None:
-        task = loop.create_task(reload_all(state, reason="SIGHUP"))
+        task = loop.create_task(reload_logged())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 

@@ -173,6 +173,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         body = await request.body()
         doc, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         job, wanted = await asyncio.to_thread(parse_infer, doc, binary, d.bundle)
+        job = dataclasses.replace(job, bundle=d.name)  # counted under its bundle, refused or not
         job, result = await run_job(request, state, d, job)
         request.state.n, request.state.batch_size = job.n, result.batch_images
         head = {"model_name": name, "model_version": VERSION, "id": str(doc.get("id", "")),

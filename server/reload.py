@@ -9,12 +9,14 @@ For each served bundle (`POST /admin/reload`, or SIGHUP):
    or whose engine fails to build or warm up.
 3. Build the new engine and warm it up beside the old one, which keeps serving meanwhile (on
    CUDA in the engine thread instead, between batches: a graph capture must not race other
-   work on the device).
+   work on the device, so requests wait for it there).
 4. Swap atomically (one event-loop step): the bundle's entry and the batcher's engine for new
    requests. Requests admitted before the swap hold the old engine and finish on it; it is
    freed when the last of them is done.
 
 One reload runs at a time; a second waits for the first. While draining, reloads are refused.
+On CUDA the new engine warms up in the engine thread, so every bundle's requests wait for that
+warm-up (seconds) instead of failing; elsewhere serving goes on beside it.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ class Outcome:
 
 async def reload_all(state: ServerState, reason: str = "request") -> dict[str, Outcome]:
     """Reload every served bundle (in order); returns each one's outcome."""
-    if state.drain_deadline is not None or (state.batcher is not None and state.batcher.closing):
-        raise Draining("server is shutting down; reload refused")
     async with state.reload_lock:
+        if state.drain_deadline is not None or state.batcher is None or state.batcher.closing:
+            raise Draining("server is shutting down; reload refused")
         outcomes = {}
         for name in list(state.deployments):
             outcome = await reload_one(state, name)
@@ -85,8 +87,9 @@ async def reload_one(state: ServerState, name: str) -> Outcome:
     # the swap: no await between these lines, so no request sees half of it
     state.deployments[name] = new
     state.batcher.set_engine(name, new.engine)
-    state.batcher.seed_run_times(name, new.engine.warm_run_s)
+    state.batcher.reseed(name, new.engine.warm_run_s)  # new weights: estimates start over
     state.metrics.generation.labels(name).set(new.generation)
+    state.metrics.ready.set(1 if state.ready and state.drain_deadline is None else 0)
     return Outcome("swapped", new.generation, new.digest)
 
 

@@ -127,7 +127,8 @@ async def answer_generate(request: Request, query: BaseModel,
         request.state.deployment = d  # a 422 lists what this bundle allows
         check_ready(state, d)
         # drawing n noise tensors and encoding PNGs are CPU work: off the event loop
-        job = await asyncio.to_thread(prepare, params, d.bundle)
+        job = dataclasses.replace(await asyncio.to_thread(prepare, params, d.bundle),
+                                  bundle=d.name)  # counted under its bundle, refused or not
         job, result = await run_job(request, state, d, job)
         request.state.n, request.state.batch_size = job.n, result.batch_images
         response = await encode_off_loop(encode_response(
@@ -154,17 +155,25 @@ async def run_job(request: Request, state: ServerState, d: Deployment,
                   job: GenerateJob) -> tuple[GenerateJob, Result]:
     """The part of a request's path shared by /generate and the inference protocol: check
     the job against this server's limits, let deadline_ms pick the student, queue it in its
-    bundle's lane and wait for its images. Returns the job as it ran (steps, bundle)."""
-    job = dataclasses.replace(job, bundle=d.name)
-    check_request(state, job, d)  # teacher off or over its limit, cost over max_request_s
-    deadline_s = _deadline_s(job)
-    if deadline_s is not None:  # the engine's share: what is left after this server's own part
-        deadline_s = max(deadline_s - state.overhead_s, 1e-3)
-    if deadline_s is not None and job.model == "student":
-        job = dataclasses.replace(job, steps=choose_student(state, d, job, deadline_s))
+    bundle's lane (on the engine it was checked against, even if a reload swaps the bundle
+    meanwhile) and wait for its images. Returns the job as it ran (steps, bundle)."""
     if state.batcher is None:
         raise Draining("the server is not serving yet")
-    return job, await submit_watching(request, state, job, deadline_s)
+    job = dataclasses.replace(job, bundle=d.name)
+    check_request(state, job, d)  # teacher off or over its limit, cost over max_request_s
+    deadline_s = engine_share(state, _deadline_s(job))
+    if deadline_s is not None and job.model == "student":
+        job = dataclasses.replace(job, steps=choose_student(state, d, job, deadline_s))
+    return job, await submit_watching(request, state, job, deadline_s, d.engine)
+
+
+def engine_share(state: ServerState, deadline_s: float | None) -> float | None:
+    """The part of a request's deadline its engine work must fit in: the deadline divided by
+    the predictions' recent error (`Estimates.deadline_slack`), less this server's own
+    measured per-request time (parsing, noise, encoding)."""
+    if deadline_s is None:
+        return None
+    return max(deadline_s / state.batcher.deadline_slack() - state.overhead_s, 1e-3)
 
 
 def _deadline_s(job: GenerateJob) -> float | None:
@@ -181,9 +190,9 @@ def choose_student(state: ServerState, d: Deployment, job: GenerateJob,
     students = sorted((s for s in d.bundle.student_steps if s <= job.steps), reverse=True)
     if job.exact:
         students = [job.steps]
-    predicted, slack = 0.0, batcher.deadline_slack()  # slack: the predictions' recent tail
+    predicted = 0.0
     for steps in students:
-        predicted = batcher.predict_s((d.name, "student", steps), job.n, deadline_s) * slack
+        predicted = batcher.predict_s((d.name, "student", steps), job.n, deadline_s)
         if predicted <= deadline_s:
             return steps
     asked = getattr(job, "deadline_ms", None) or round(deadline_s * 1e3)
@@ -232,13 +241,14 @@ def record_request(state: ServerState, job: GenerateJob | None, status: int,
 
 
 async def submit_watching(request: Request, state: ServerState, job: GenerateJob,
-                          deadline_s: float | None = None) -> Result:
+                          deadline_s: float | None = None, engine=None) -> Result:
     """Queue the job in its bundle's lane; if the client disconnects first, cancel it so it
     never runs."""
     submit = asyncio.ensure_future(state.batcher.submit(
         (job.bundle or state.default, job.model, job.steps), job.noise, job.labels,
         state.settings.timeout_s, deadline_s=deadline_s,
-        max_backlog_s=float(getattr(state.settings, "max_backlog_s", 0.0) or 0.0)))
+        max_backlog_s=float(getattr(state.settings, "max_backlog_s", 0.0) or 0.0),
+        engine=engine))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)

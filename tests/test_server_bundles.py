@@ -271,3 +271,23 @@ def test_sighup_reloads_a_running_serve_process(two_bundles, served_dir, tmp_pat
     assert "reload (SIGHUP) of bundle m: swapped" in err
     assert "reload (SIGHUP) of bundle other: unchanged" in err
     assert "serving bundle m (default)" in out and "serving bundle other from" in out
+
+
+def test_a_swap_restarts_the_lane_estimates_and_refusals_count_under_their_bundle(
+        two_bundles, served_dir):
+    a, b = two_bundles
+    app = create_app(settings(str(a), f"m={served_dir}", api_key=KEY, max_teacher_steps=4))
+    state = app.state.halfstep
+    with serving(app) as url, Client(url, api_key=KEY) as c:
+        c.generate(steps=2, bundle="m")
+        lane = state.batcher.lane(("m", "student", 2))
+        lane.image_step_s = 123.0  # as if measured on the old weights
+        swap_weights(served_dir, b)
+        assert c.reload()["m"]["result"] == "swapped"
+        refused = c.http.post("/generate", params={"bundle": "m", "model": "teacher",
+                                                   "steps": 8})
+        text = c.metrics()
+    assert lane.image_step_s != 123.0 and lane.image_step_s < 1.0  # from the new warm-up
+    assert refused.status_code == 422
+    labels = 'bundle="m",model="teacher",status="422",steps="teacher"'
+    assert metric_value(text, "halfstep_request_duration_seconds_count", labels) == 1
