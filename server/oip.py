@@ -188,6 +188,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
             response = Response(content, media_type="application/octet-stream",
                                 headers={HEADER_LENGTH: str(header_length)})
         response.headers["X-Halfstep-Steps"] = str(job.steps)
+        response.headers["X-Halfstep-Bundle"] = d.name
     except REFUSALS as exc:
         response = refusal(request, exc)
     finally:

@@ -264,7 +264,7 @@ def test_deadline_predictions_are_calibrated_by_their_recent_tail(monkeypatch):
     assert b.deadline_slack() == 1.0  # too few to trust yet
     b.observe_deadline_job(actual_s=0.3, predicted_s=0.1)
     assert b.deadline_slack() == pytest.approx(2.0)  # 20 samples: their 90th percentile
-    for i in range(80):
+    for _ in range(80):
         b.observe_deadline_job(actual_s=0.1, predicted_s=0.1)
     # 100 ratios: 80 x 1.0, 19 x 2.0, 1 x 3.0: the 99th percentile is 3.0, the 90th 2.0
     assert b.deadline_slack() == pytest.approx(3.0)

@@ -100,6 +100,9 @@ def test_each_bundle_serves_its_own_weights_lanes_and_metrics(two_bundles):
         named = c.generate(steps=2, seed=3, bundle="first")
         unknown = c.http.post("/generate", params={"bundle": "gamma"})
         oip = c.http.get("/v2/models/beta").json()
+        inferred = c.http.post("/v2/models/beta/infer", json={
+            "inputs": [{"name": "SEED", "datatype": "INT64", "shape": [1], "data": [3]}],
+            "parameters": {"steps": 2}})
         index = c.http.post("/v2/repository/index").json()
         text = c.metrics()
     assert info["default"] == "first" and info["name"] == "first"
@@ -113,6 +116,10 @@ def test_each_bundle_serves_its_own_weights_lanes_and_metrics(two_bundles):
     assert other.headers["x-halfstep-bundle"] == "beta"
     assert unknown.status_code == 422 and "first" in unknown.text and "beta" in unknown.text
     assert oip["name"] == "beta" and oip["inputs"][2]["shape"] == [-1, 1, 28, 28]
+    assert inferred.status_code == 200 and inferred.headers["x-halfstep-bundle"] == "beta"
+    image = inferred.json()["outputs"][0]
+    np.testing.assert_array_equal(np.array(image["data"], dtype=np.uint8).reshape(28, 28),
+                                  want(b, 2, 3))
     assert [(m["name"], m["state"]) for m in index] == [("first", "READY"), ("beta", "READY")]
     for bundle in ("first", "beta"):
         labels = f'bundle="{bundle}",model="student",status="200",steps="2"'
