@@ -63,8 +63,6 @@ PARAMETERS = ("steps", "model", "deadline_ms", "binary_data_output")
 IGNORED_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start",
                                 "sequence_end"})
 
-WARMING = ("warming up", "warm-up failed (see the server log)")  # server-wide, any bundle
-
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
 
@@ -149,9 +147,7 @@ async def model_ready(request: Request, name: str,
     missing = unknown_model(state, name, version)
     if missing:
         return missing
-    why = state.not_ready_reason()
-    if state.deployments[name].ready and why in WARMING:
-        why = None  # this model is warm; another bundle is still warming up (or failed to)
+    why = state.not_ready_reason(state.deployments[name])  # this model, not the others
     return error(503, f"not ready: {why}") if why else {"name": name, "ready": True}
 
 

@@ -111,18 +111,20 @@ class ServerState:
             return self.batcher.failure
         return None
 
-    def not_ready_reason(self) -> str | None:
-        """Why /readyz answers 503 now, or None when ready: warming up, warm-up failed, the
-        engine unhealthy, or draining. A full queue is not a reason (it is shed with 503)."""
+    def not_ready_reason(self, d: Deployment | None = None) -> str | None:
+        """Why /readyz (or, given d, that bundle's model readiness) answers 503 now, or None
+        when ready: warming up, warm-up failed, an engine unhealthy, or draining. A full queue
+        is not a reason (it is shed with 503)."""
         b = self.batcher
         unhealthy = self.unhealthy_reason()
         if unhealthy:
             return unhealthy
         if self.drain_deadline is not None or (b is not None and b.closing):
             return "draining"
-        if self.warmup is None:
+        warmup, ready = (self.warmup, self.ready) if d is None else (d.warmup, d.ready)
+        if warmup is None:
             return "warming up"
-        if not self.ready:
+        if not ready:
             return "warm-up failed (see the server log)"  # the engine's text is logged there
         return "not started" if b is None else None
 

@@ -298,3 +298,18 @@ def test_a_swap_restarts_the_lane_estimates_and_refusals_count_under_their_bundl
     assert refused.status_code == 422
     labels = 'bundle="m",model="teacher",status="422",steps="teacher"'
     assert metric_value(text, "halfstep_request_duration_seconds_count", labels) == 1
+
+
+def test_a_model_is_ready_once_its_own_bundle_is_warm(two_bundles):
+    from types import SimpleNamespace
+
+    a, b = two_bundles
+    state = create_app(settings(str(a), str(b))).state.halfstep
+    state.batcher = SimpleNamespace(closing=False, failure=None)  # started, not serving here
+    alpha, beta = state.deployments["alpha"], state.deployments["beta"]
+    alpha.warmup, alpha.ready = {"warmup_s": 1.0}, True  # beta still warming up
+    assert state.not_ready_reason(alpha) is None
+    assert state.not_ready_reason(beta) == "warming up"
+    assert state.not_ready_reason() == "warming up"  # the server: once all are warm
+    beta.warmup = "EngineError: boom"
+    assert "failed" in state.not_ready_reason(beta) and state.not_ready_reason(alpha) is None
