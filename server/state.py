@@ -41,6 +41,8 @@ class ServerState:
         self.overhead_s = 0.0
         for d in deployments:
             self.metrics.generation.labels(d.name).set(d.generation)
+            for result in ("swapped", "unchanged", "refused"):  # zeros: rate() from the start
+                self.metrics.reloads.labels(d.name, result)
 
     def teacher_cap(self, d: Deployment | None = None) -> int:
         """Most steps a teacher request of bundle d (default: the default) may ask for here:

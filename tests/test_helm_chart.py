@@ -507,7 +507,8 @@ def test_grafana_dashboard_config_map(rendered) -> None:
     assert cm["metadata"]["annotations"] == {"grafana_folder": "halfstep"}
     board = dashboard(docs)
     titles = " ".join(p["title"] for p in board["panels"]).lower()
-    for topic in ("lane", "p99", "batch size", "queue depth", "backlog", "busy", "rejection"):
+    for topic in ("lane", "p99", "batch size", "queue depth", "backlog", "busy", "rejection",
+                  "reload"):
         assert topic in titles, topic
     assert not [d for d in rendered["defaults"] if d["kind"] == "ConfigMap"]
 

@@ -125,6 +125,7 @@ def test_each_bundle_serves_its_own_weights_lanes_and_metrics(two_bundles):
         labels = f'bundle="{bundle}",model="student",status="200",steps="2"'
         assert metric_value(text, "halfstep_request_duration_seconds_count", labels) >= 1
         assert metric_value(text, "halfstep_bundle_generation", f'bundle="{bundle}"') == 1
+        assert f'halfstep_reloads_total{{bundle="{bundle}",result="swapped"}} 0.0' in text
     assert metric_value(text, "halfstep_images_generated_total",
                         'bundle="first",model="student"') == 2
 
