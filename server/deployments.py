@@ -14,8 +14,6 @@ it) and finish on it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from pathlib import Path
 from halfstep.distill.bundle import Bundle, BundleError
 from halfstep.engines.base import Engine
 
-from .embedded import exported_copy, load_bundle
+from .embedded import exported_copy, load_bundle, sha256_of, weights_sha256s
 from .settings import Settings, batch_buckets
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -73,13 +71,10 @@ class Deployment:
 
 
 def weights_digest(bundle: Bundle) -> str:
-    """sha256 over the manifest's weight sha256s, shape and schedule: what a reload compares
-    (an exported copy has the same digest as the bundle it was exported from)."""
-    m = bundle.manifest
-    parts = {"teacher": m["teacher"]["sha256"],
-             "students": sorted((s["steps"], s["sha256"]) for s in m["students"]),
-             "image_shape": list(bundle.image_shape), "num_labels": bundle.num_labels}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    """sha256 over the manifest's weight sha256s, image shape and label count: what a reload
+    compares (an exported copy has the same digest as the bundle it was exported from)."""
+    return sha256_of({**weights_sha256s(bundle), "image_shape": list(bundle.image_shape),
+                      "num_labels": bundle.num_labels})
 
 
 def deployment_name(spec: BundleSpec, bundle: Bundle) -> str:

@@ -41,16 +41,25 @@ def load_bundle(path: str | Path | None) -> Bundle:
     return Bundle(path if path else default_bundle_path())
 
 
+def weights_sha256s(bundle: Bundle) -> dict:
+    """The manifest's sha256 of the teacher and of every student (by steps), as one dict."""
+    m = bundle.manifest
+    return {"teacher": m["teacher"]["sha256"],
+            "students": sorted((s["steps"], s["sha256"]) for s in m["students"])}
+
+
+def sha256_of(parts: dict) -> str:
+    """sha256 of a JSON-able dict, independent of key order."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def export_key(bundle: Bundle) -> str:
     """sha256 over the weights' sha256s and the torch and onnxruntime versions."""
     import onnxruntime
     import torch
 
-    m = bundle.manifest
-    parts = {"teacher": m["teacher"]["sha256"],
-             "students": sorted((s["steps"], s["sha256"]) for s in m["students"]),
-             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return sha256_of({**weights_sha256s(bundle), "torch": torch.__version__,
+                      "onnxruntime": onnxruntime.__version__})
 
 
 def cache_entry(bundle: Bundle, cache_dir: Path | None = None) -> Path:
