@@ -1,0 +1,37 @@
+"""How much of a bundle's FID is faint background haze? Samples N images of one row (the
+eval's seeds and labels) and scores them as `halfstep eval` does, raw and with every pixel
+below T/255 set to 0 (real MNIST is about 80% exact zeros). A diagnostic, not a metric.
+
+    python scripts/background_haze.py BUNDLE MNIST_DIR [student|ddim] [STEPS]
+"""
+
+import sys
+
+import torch
+
+from halfstep.distill.bundle import Bundle
+from halfstep.distill.sample import request_seeds
+from halfstep.distill.sampling import noise_for_seeds
+from halfstep.eval.classifier import load_or_train
+from halfstep.eval.evaluate import EvalConfig, Scorer, sample_row
+
+
+def main(bundle_dir: str, mnist_dir: str, method: str = "student", steps: int = 4) -> None:
+    cfg = EvalConfig(bundle=bundle_dir, data=f"mnist:{mnist_dir}", samples=2000,
+                     fid_ref_samples=2000, cache_dir="runs/cache", progress=False)
+    classifier, info = load_or_train(cfg.mnist_dir, cfg.cache_dir, cfg.classifier_config,
+                                     cfg.classifier, False)
+    scorer, bundle = Scorer(cfg, classifier, info["key"]), Bundle(bundle_dir)
+    labels = torch.arange(cfg.samples) % 10
+    noise = noise_for_seeds(request_seeds(cfg.seed, cfg.samples), bundle.image_shape)
+    images = sample_row(bundle, method, steps, noise, labels, 64, "cpu", False)
+    for t in (0, 4, 16):
+        cut = torch.where(images < -1 + 2 * t / 255, torch.full_like(images, -1.0), images)
+        zeros = float(((cut + 1) * 127.5).round().eq(0).float().mean())
+        r = scorer.score(cut, labels)
+        print(f"{method}@{steps} pixels < {t:2d}/255 -> 0: zeros {zeros:.3f}  "
+              f"classifier FD {r['fd_classifier']:.3f}  FID {r['fid']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3], *sys.argv[3:4], *(int(a) for a in sys.argv[4:5]))
