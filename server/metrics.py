@@ -29,6 +29,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # reason of one entry of errors.REJECTIONS.
 REJECT_REASONS = ("invalid", "unauthorized", "queue_full", "overloaded", "deadline",
                   "cancelled", "draining", "not_ready", "unhealthy", "error")
+# Results of a bundle reload (the result label of halfstep_reloads_total; reload.Outcome.result).
+RELOAD_RESULTS = ("swapped", "unchanged", "refused")
 
 
 class Metrics:

@@ -16,7 +16,7 @@ from halfstep.engines.base import Engine
 
 from .batcher import Batcher
 from .deployments import Deployment
-from .metrics import Metrics
+from .metrics import RELOAD_RESULTS, Metrics
 from .request import MAX_N, InvalidRequest
 from .settings import Settings
 
@@ -41,7 +41,7 @@ class ServerState:
         self.overhead_s = 0.0
         for d in deployments:
             self.metrics.generation.labels(d.name).set(d.generation)
-            for result in ("swapped", "unchanged", "refused"):  # zeros: rate() from the start
+            for result in RELOAD_RESULTS:  # zeros: rate() from the start
                 self.metrics.reloads.labels(d.name, result)
 
     def teacher_cap(self, d: Deployment | None = None) -> int:
