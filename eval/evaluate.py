@@ -259,6 +259,13 @@ class RowCache:
         atomic_torch_save({"row": row, "grid": grid}, self.path(method, steps))
 
 
+def row_inputs(config: EvalConfig,
+               image_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and labels every row starts from: image i has seed SEED + i and label i % 10."""
+    labels = torch.arange(config.samples, dtype=torch.int64) % 10
+    return noise_for_seeds(request_seeds(config.seed, config.samples), image_shape), labels
+
+
 def evaluate(config: EvalConfig, log=print) -> dict:
     """Run every row; returns the results dict that report.py prints, plots and checks."""
     bundle = Bundle(config.bundle)
@@ -271,8 +278,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
     scorer = Scorer(config, classifier, clf_info["key"])
     log(f"references ready in {time.perf_counter() - start:.1f} s; {scorer.fid_note}")
     n = config.samples
-    labels = torch.arange(n, dtype=torch.int64) % 10  # balanced: label of image i is i % 10
-    noise = noise_for_seeds(request_seeds(config.seed, n), bundle.image_shape)
+    noise, labels = row_inputs(config, bundle.image_shape)
     rows, grids = [], {}
     row_cache = RowCache(config, bundle, scorer, clf_info["key"])
     for method, steps in config.rows():

@@ -10,10 +10,8 @@ import sys
 import torch
 
 from halfstep.distill.bundle import Bundle
-from halfstep.distill.sample import request_seeds
-from halfstep.distill.sampling import noise_for_seeds
 from halfstep.eval.classifier import load_or_train
-from halfstep.eval.evaluate import EvalConfig, Scorer, sample_row
+from halfstep.eval.evaluate import EvalConfig, Scorer, row_inputs, sample_row
 
 
 def main(bundle_dir: str, mnist_dir: str, method: str = "student", steps: int = 4) -> None:
@@ -22,9 +20,8 @@ def main(bundle_dir: str, mnist_dir: str, method: str = "student", steps: int = 
     classifier, info = load_or_train(cfg.mnist_dir, cfg.cache_dir, cfg.classifier_config,
                                      cfg.classifier, False)
     scorer, bundle = Scorer(cfg, classifier, info["key"]), Bundle(bundle_dir)
-    labels = torch.arange(cfg.samples) % 10
-    noise = noise_for_seeds(request_seeds(cfg.seed, cfg.samples), bundle.image_shape)
-    images = sample_row(bundle, method, steps, noise, labels, 64, "cpu", False)
+    noise, labels = row_inputs(cfg, bundle.image_shape)
+    images = sample_row(bundle, method, steps, noise, labels, cfg.batch_size, cfg.device, False)
     for t in (0, 4, 16):
         cut = torch.where(images < -1 + 2 * t / 255, torch.full_like(images, -1.0), images)
         zeros = float(((cut + 1) * 127.5).round().eq(0).float().mean())
