@@ -129,6 +129,12 @@ def _add_distill(sub) -> None:
     add_folder_options(p)
     p.add_argument("--name", default=None, help="bundle name (default: the directory name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--probe-seeds",
+        type=int,
+        default=64,
+        help="fixed seeds on which each round's gap to its teacher is measured and logged (64)",
+    )
     p.add_argument("--resume", action="store_true", help="continue after the last finished round")
     p.set_defaults(func=cmd_distill)
 
@@ -151,6 +157,7 @@ def cmd_distill(args) -> int:
         data=distill_data_spec(args.data, args.channels, args.image_size, args.teacher),
         name=args.name,
         seed=args.seed,
+        probe_size=args.probe_seeds,
     )
     distill_run(cfg, resume=args.resume)
     return 0

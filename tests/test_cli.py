@@ -78,9 +78,12 @@ def test_tiny_pipeline_on_mnist(mnist_dir, tmp_path):
         "1=5",
         "--batch-size",
         8,
+        "--probe-seeds",
+        4,
     )
     assert "round 4->2" in out.stdout and "round 2->1" in out.stdout
     manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["configs"]["distill"]["probe_size"] == 4
     assert [s["steps"] for s in manifest["students"]] == [1, 2]
     assert {s["steps"]: s["iters"] for s in manifest["students"]} == {1: 5, 2: 3}
     assert manifest["teacher"]["default_steps"] == 4
@@ -153,6 +156,10 @@ def test_user_errors_are_one_line(tiny_bundle_dir, tmp_path, capsys):
         (
             ["distill", "--teacher", tmp_path, "--out", tmp_path / "b", "--from-steps", 6],
             "power of two",
+        ),
+        (
+            ["distill", "--teacher", tmp_path, "--out", tmp_path / "b", "--probe-seeds", 0],
+            "--probe-seeds must be >= 1",
         ),
     ]
     for argv, message in cases:

@@ -72,7 +72,8 @@ def test_distillation_makes_student_match_teacher():
     student1, m1 = distill_round(student2, data, 1, cfg, loss_fn, progress=False)
     assert m2["gap_to_teacher_end"] < m2["gap_to_teacher_start"]
     assert m1["gap_to_teacher_end"] < m1["gap_to_teacher_start"]
-    assert probe_gap(student1, student2, 1, 16) == pytest.approx(m1["gap_to_teacher_end"], abs=1e-3)
+    gap = probe_gap(student1, student2, 1, cfg.probe_size)
+    assert gap == pytest.approx(m1["gap_to_teacher_end"], abs=1e-3)
     # The student is a new network; the teacher was not touched.
     assert not any(p.requires_grad for p in teacher.parameters())
 
@@ -89,6 +90,8 @@ def test_config_validation():
         DistillConfig(teacher="a", out="b", from_steps=8, round_iters={16: 5})
     with pytest.raises(ValueError, match=">= 1 iteration"):
         DistillConfig(teacher="a", out="b", from_steps=8, round_iters={2: 0})
+    with pytest.raises(ValueError, match="--probe-seeds must be >= 1"):
+        DistillConfig(teacher="a", out="b", from_steps=8, probe_size=0)
 
 
 def test_progress_prints_plain_lines_off_a_terminal(capsys):
