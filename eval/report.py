@@ -12,6 +12,7 @@ from halfstep.distill.images import png_bytes, to_uint8
 from halfstep.distill.io import atomic_write_bytes, atomic_write_json
 
 METRICS = ("fd_classifier", "fid")  # lower is better
+NOT_MEASURED = "not measured"  # the detail of a target whose rows were not in the run
 LABELS = {"fd_classifier": "FD-classifier", "fid": "FID", "label_accuracy": "label acc"}
 METHOD_NAMES = {"real": "real data (floor)", "student": "student (distilled)",
                 "ddim": "teacher DDIM", "dpm++": "teacher DPM-Solver++"}
@@ -93,7 +94,7 @@ def _label_target(results: dict, student: dict | None) -> dict:
     name = "student@4 label accuracy >= 97% and >= teacher best - 1 point"
     best = teacher_best_row(results)
     if student is None or best is None:
-        return _target(name, "label_accuracy", None, "not measured")
+        return _target(name, "label_accuracy", None, NOT_MEASURED)
     acc, ref = student["label_accuracy"], best["label_accuracy"]
     bound = max(0.97, ref - 0.01)
     where = f"{METHOD_NAMES[best['method']]}@{best['steps']}"
@@ -119,7 +120,7 @@ def _student_vs_best(results: dict, metric: str, steps: int, best: float | None)
                        f"{s[metric]:.3f} = {s[metric] / best:.2f} x {best:.3f}", value=s[metric])
     name = f"student@{steps} <= {factor}x teacher best"
     if s is None or best is None:
-        return _target(name, metric, None, "not measured")
+        return _target(name, metric, None, NOT_MEASURED)
     bound = factor * best
     return _target(name, metric, s[metric] <= bound, f"{s[metric]:.3f} vs {factor} x {best:.3f} "
                    f"= {bound:.3f}", value=s[metric], bound=bound)
@@ -128,7 +129,6 @@ def _student_vs_best(results: dict, metric: str, steps: int, best: float | None)
 def check_targets(results: dict) -> list[dict]:
     """The quality targets, each pass/fail (None: a row it needs was not measured)."""
     out = []
-    missing = "not measured"
     for metric in METRICS:
         if all(r.get(metric) is None for r in results["rows"]):
             continue
@@ -142,7 +142,7 @@ def check_targets(results: dict) -> list[dict]:
             s, d = find(results, "student", n), find(results, "ddim", 2 * n)
             name = f"student@{n} < teacher DDIM@{2 * n}"
             if s is None or d is None:
-                out.append(_target(name, metric, None, missing))
+                out.append(_target(name, metric, None, NOT_MEASURED))
                 continue
             out.append(_compare(name, metric, s, d))
         for n in sorted({r["steps"] for r in results["rows"] if r["method"] == "dpm++"}):
@@ -160,7 +160,7 @@ def _teacher_vs_floor(results: dict, metric: str, best: float | None) -> dict:
     the data."""
     name, floor = f"teacher best <= {FLOOR_BOUND}x real-data floor", _floor(results, metric)
     if best is None or floor is None:
-        return _target(name, metric, None, "not measured")
+        return _target(name, metric, None, NOT_MEASURED)
     bound = FLOOR_BOUND * floor
     return _target(name, metric, best <= bound, f"{best:.3f} vs {FLOOR_BOUND} x {floor:.3f} = "
                    f"{bound:.3f}", value=best, bound=bound)
