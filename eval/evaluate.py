@@ -266,10 +266,9 @@ def row_inputs(config: EvalConfig,
     return noise_for_seeds(request_seeds(config.seed, config.samples), image_shape), labels
 
 
-def evaluate(config: EvalConfig, log=print) -> dict:
-    """Run every row; returns the results dict that report.py prints, plots and checks."""
-    bundle = Bundle(config.bundle)
-    check_bundle(bundle, config)
+def make_scorer(config: EvalConfig, log=print) -> tuple[Scorer, dict]:
+    """The classifier (loaded from the cache or trained) and the reference statistics; also
+    returns the classifier's info (its key, file and test accuracy)."""
     start = time.perf_counter()
     classifier, clf_info = load_or_train(config.mnist_dir, config.cache_dir,
                                          config.classifier_config, config.classifier,
@@ -277,6 +276,15 @@ def evaluate(config: EvalConfig, log=print) -> dict:
     log(f"classifier: test accuracy {clf_info['test_accuracy']:.4f} ({clf_info['file']})")
     scorer = Scorer(config, classifier, clf_info["key"])
     log(f"references ready in {time.perf_counter() - start:.1f} s; {scorer.fid_note}")
+    return scorer, clf_info
+
+
+def evaluate(config: EvalConfig, log=print) -> dict:
+    """Run every row; returns the results dict that report.py prints, plots and checks."""
+    bundle = Bundle(config.bundle)
+    check_bundle(bundle, config)
+    start = time.perf_counter()
+    scorer, clf_info = make_scorer(config, log)
     n = config.samples
     noise, labels = row_inputs(config, bundle.image_shape)
     rows, grids = [], {}

@@ -10,21 +10,20 @@ import sys
 import torch
 
 from halfstep.distill.bundle import Bundle
-from halfstep.eval.classifier import load_or_train
-from halfstep.eval.evaluate import EvalConfig, Scorer, row_inputs, sample_row
+from halfstep.distill.images import to_uint8
+from halfstep.eval.evaluate import EvalConfig, make_scorer, row_inputs, sample_row
 
 
 def main(bundle_dir: str, mnist_dir: str, method: str = "student", steps: int = 4) -> None:
     cfg = EvalConfig(bundle=bundle_dir, data=f"mnist:{mnist_dir}", samples=2000,
                      fid_ref_samples=2000, cache_dir="runs/cache", progress=False)
-    classifier, info = load_or_train(cfg.mnist_dir, cfg.cache_dir, cfg.classifier_config,
-                                     cfg.classifier, False)
-    scorer, bundle = Scorer(cfg, classifier, info["key"]), Bundle(bundle_dir)
+    scorer, _ = make_scorer(cfg, log=lambda _: None)
+    bundle = Bundle(bundle_dir)
     noise, labels = row_inputs(cfg, bundle.image_shape)
     images = sample_row(bundle, method, steps, noise, labels, cfg.batch_size, cfg.device, False)
     for t in (0, 4, 16):
         cut = torch.where(images < -1 + 2 * t / 255, torch.full_like(images, -1.0), images)
-        zeros = float(((cut + 1) * 127.5).round().eq(0).float().mean())
+        zeros = float((to_uint8(cut) == 0).mean())
         r = scorer.score(cut, labels)
         print(f"{method}@{steps} pixels < {t:2d}/255 -> 0: zeros {zeros:.3f}  "
               f"classifier FD {r['fd_classifier']:.3f}  FID {r['fid']:.2f}", flush=True)
