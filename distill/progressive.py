@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .bundle import Bundle, BundleError, add_student, create_bundle, read_manifest
+from .bundle import (
+    Bundle,
+    BundleError,
+    add_student,
+    create_bundle,
+    read_manifest,
+    update_manifest,
+)
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
 from .losses import WeightedXLoss
@@ -275,6 +282,9 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
         print(f"resuming {out}: students {done} already distilled")
     teacher = teacher.to(device)
     loss_fn = WeightedXLoss(train_cfg.weighting)
+    made_by = "distill"  # the key under the manifest's configs of the settings of this run
+    if exists and rank == 0 and set(cfg.round_steps()) - set(done):
+        made_by = _record_resumed_config(out, cfg)
     for n in cfg.round_steps():
         if n in done:
             continue
@@ -284,7 +294,12 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
                 out,
                 n,
                 {k: v.cpu() for k, v in student.unet.state_dict().items()},
-                {"distilled_from": 2 * n, "iters": cfg.iters_for(n), "metrics": metrics},
+                {
+                    "distilled_from": 2 * n,
+                    "iters": cfg.iters_for(n),
+                    "config": made_by,
+                    "metrics": metrics,
+                },
             )
             print(
                 f"round {2 * n}->{n}: loss {metrics['loss_last_50']:.5f}, lr {metrics['lr']:g}, "
@@ -298,6 +313,21 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
     if rank == 0:
         print(f"bundle written to {out}", flush=True)
     return out
+
+
+def _record_resumed_config(out: Path, cfg: DistillConfig) -> str:
+    """Keep a resumed run's settings beside the creating run's (`configs.distill`), which they
+    may differ from (longer rounds, another batch size or rate), and return the key its
+    students record as `config`: "distill_resumes[i]"."""
+    key = []
+
+    def record(manifest: dict) -> None:
+        resumes = manifest["configs"].setdefault("distill_resumes", [])
+        resumes.append(asdict(cfg))
+        key.append(f"distill_resumes[{len(resumes) - 1}]")
+
+    update_manifest(out, record)
+    return key[0]
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:

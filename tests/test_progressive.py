@@ -143,3 +143,31 @@ def test_distill_round_logs_plain_progress(capsys):
     distill_round(tiny_denoiser(), data, 1, cfg, WeightedXLoss("snr_trunc"))
     err = capsys.readouterr().err
     assert "\r" not in err and "2->1 steps: 2/2 (100%)" in err and "loss=" in err
+
+
+def test_a_resumed_run_records_its_own_settings_beside_the_creating_runs(tmp_path):
+    """`--resume` with longer rounds or another rate must not leave the manifest claiming the
+    creating run's settings made every student: each student names the config that made it."""
+    from halfstep.distill.bundle import Bundle
+    from halfstep.distill.progressive import distill_run
+    from halfstep.distill.train import TrainConfig, train
+
+    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
+                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
+    train(teacher, progress=False)
+    common = dict(teacher=teacher.out, out=str(tmp_path / "bundle"), from_steps=4,
+                  iters_per_round=2, batch_size=4, probe_size=2)
+    distill_run(DistillConfig(**common, to_steps=2), progress=False)
+    resumed = DistillConfig(**common, to_steps=1, round_iters={1: 3}, lr=5e-5)
+    distill_run(resumed, resume=True, progress=False)
+    # a resume with nothing left to make records nothing
+    distill_run(resumed, resume=True, progress=False)
+
+    manifest = Bundle(tmp_path / "bundle").manifest
+    configs = manifest["configs"]
+    assert configs["distill"]["to_steps"] == 2 and configs["distill"]["lr"] == 1e-4
+    assert len(configs["distill_resumes"]) == 1
+    assert configs["distill_resumes"][0]["lr"] == 5e-5
+    assert configs["distill_resumes"][0]["round_iters"] == {"1": 3}
+    made_by = {s["steps"]: (s["config"], s["iters"]) for s in manifest["students"]}
+    assert made_by == {2: ("distill", 2), 1: ("distill_resumes[0]", 3)}
