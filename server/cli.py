@@ -248,7 +248,12 @@ def draining_server(config, state=None):
     """uvicorn's server, draining on the first SIGINT/SIGTERM: at once not ready, and new work
     (still accepted on the open port) answered 503 Draining with Retry-After; once the accepted
     work is done, or drain_s is over, uvicorn's own shutdown runs (it waits for responses in
-    flight, then the lifespan fails what is still queued). A second signal stops at once."""
+    flight, then the lifespan fails what is still queued). A second signal stops at once: every
+    accepted request is answered 503 Draining and the shutdown (lifespan included) runs with no
+    drain left. (uvicorn's own force exit would cancel the request and lifespan tasks instead:
+    500s and CancelledError tracebacks.)"""
+    import asyncio
+
     import uvicorn
 
     from .outcomes import Draining
@@ -257,16 +262,31 @@ def draining_server(config, state=None):
         draining = False
 
         def handle_exit(self, sig: int, frame) -> None:
-            if state is None or self.draining or self.should_exit:
+            if state is None:
                 super().handle_exit(sig, frame)
-                if self.draining:
-                    self.force_exit = True
+                return
+            if self.draining or self.should_exit:
+                self.stop_now()
                 return
             self.draining = True
             state.begin_drain()
             logging.getLogger("halfstep.server").info(
                 "shutting down: finishing %d requests in flight (at most %g s; "
                 "Ctrl-C again stops at once)", len(self.server_state.tasks), state.drain_left_s())
+
+        def stop_now(self) -> None:
+            """The second signal: no drain left; what was accepted is answered 503 now (on the
+            event loop: this runs in a signal handler), and on_tick or the shutdown already
+            under way ends the process within DRAIN_GRACE_S of the last answer."""
+            self.draining = True
+            state.end_drain_now()
+            logging.getLogger("halfstep.server").info(
+                "stopping at once: answering %d requests 503", len(self.server_state.tasks))
+            b = state.batcher
+            if b is not None:
+                with contextlib.suppress(RuntimeError):  # no running loop: nothing accepted
+                    asyncio.get_running_loop().call_soon_threadsafe(
+                        b.fail_all, Draining("server stopped at once before this request was done"))
 
         quiet_ticks = 0
 

@@ -97,6 +97,11 @@ class ServerState:
         if self.batcher is not None:
             self.batcher.begin_drain()
 
+    def end_drain_now(self) -> None:
+        """A second SIGTERM/SIGINT: draining as after the first, with no time left."""
+        self.begin_drain()
+        self.drain_deadline = time.monotonic()
+
     def drain_left_s(self) -> float:
         """Seconds left of the drain (all of drain_s before it began)."""
         if self.drain_deadline is None:
