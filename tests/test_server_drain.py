@@ -100,36 +100,11 @@ def test_sigterm_under_load_answers_200_or_503_and_exits_0(tiny_bundle_dir):
     assert "Application shutdown complete" in log
 
 
-def test_drain_0_exits_at_once_even_with_the_engine_stuck(tiny_bundle_dir):
-    proc, url = start(tiny_bundle_dir, drain_s=0, run_s=0.0)
-    answer: list = []
-
-    def stuck() -> None:
-        r = httpx.post(f"{url}/generate", params={"steps": 1, "label": 3}, timeout=60)
-        answer.append(r.status_code)
-
-    thread = threading.Thread(target=stuck, daemon=True)
-    try:
-        thread.start()
-        time.sleep(0.5)  # the engine thread is inside the stuck run
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-        took = time.monotonic() - t0
-        thread.join(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert code == 0, proc.stdout.read()
-    assert took < 10  # neither the drain nor the engine thread waits for the stuck run
-    assert answer == [503]
-
-
-def test_a_second_sigterm_answers_accepted_work_503_and_exits_cleanly(tiny_bundle_dir):
-    """The first SIGTERM waits for the stuck run (drain 60 s); the second stops at once: the
-    request is answered 503, not cut off with a 500, and the lifespan's shutdown still runs,
-    with no CancelledError traceback."""
-    proc, url = start(tiny_bundle_dir, drain_s=60, run_s=0.0)
+def stop_with_a_stuck_request(bundle_dir, drain_s: float, sigterms: int):
+    """Serve, POST a request whose engine run never ends (label 3), then send `sigterms`
+    SIGTERMs 1 s apart; returns (exit status, seconds from the last signal to the exit, the
+    request's answers as (status, body), the server's log)."""
+    proc, url = start(bundle_dir, drain_s=drain_s, run_s=0.0)
     answer: list = []
 
     def stuck() -> None:
@@ -140,18 +115,33 @@ def test_a_second_sigterm_answers_accepted_work_503_and_exits_cleanly(tiny_bundl
     try:
         thread.start()
         time.sleep(0.5)  # the engine thread is inside the stuck run
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)  # draining, waiting for the stuck run
-        assert proc.poll() is None, proc.stdout.read()
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        for i in range(sigterms):
+            if i:
+                time.sleep(1.0)  # draining, waiting for the stuck run
+                assert proc.poll() is None, proc.stdout.read()
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
         took = time.monotonic() - t0
         thread.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = proc.stdout.read()
+    return code, took, answer, proc.stdout.read()
+
+
+def test_drain_0_exits_at_once_even_with_the_engine_stuck(tiny_bundle_dir):
+    code, took, answer, log = stop_with_a_stuck_request(tiny_bundle_dir, drain_s=0, sigterms=1)
+    assert code == 0, log
+    assert took < 10  # neither the drain nor the engine thread waits for the stuck run
+    assert [status for status, _ in answer] == [503]
+
+
+def test_a_second_sigterm_answers_accepted_work_503_and_exits_cleanly(tiny_bundle_dir):
+    """The first SIGTERM waits for the stuck run (drain 60 s); the second stops at once: the
+    request is answered 503, not cut off with a 500, and the lifespan's shutdown still runs,
+    with no CancelledError traceback."""
+    code, took, answer, log = stop_with_a_stuck_request(tiny_bundle_dir, drain_s=60, sigterms=2)
     assert code == 0, log
     assert took < 10, log
     assert len(answer) == 1 and answer[0][0] == 503 and "stopped at once" in answer[0][1], answer
