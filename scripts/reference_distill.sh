@@ -26,9 +26,9 @@ ROUND_ITERS=${ROUND_ITERS:-64=600,32=500,16=1200,8=2000,4=3000,2=2400,1=2600}
 ROUND_LR=${ROUND_LR:-64=5e-5,32=5e-5,16=1e-4,8=1e-4,4=1e-4,2=1e-4,1=1e-4}
 # DDIM step counts of the teacher's final curve (the start of distillation is chosen from these)
 # and of the teacher rows of the eval; at N = 2,000 each teacher step costs about 5 s on 2 CPU
-# cores (256 alone: about 15 minutes)
+# cores (256 alone: about 15 minutes; 512: about 47)
 FINAL_DDIM_STEPS=${FINAL_DDIM_STEPS:-32,64,128}
-EVAL_TEACHER_STEPS=${EVAL_TEACHER_STEPS:-2,4,8,16,32,64,128,256}
+EVAL_TEACHER_STEPS=${EVAL_TEACHER_STEPS:-2,4,8,16,32,64,128,256,512}
 EVAL_DPM_STEPS=${EVAL_DPM_STEPS:-4,8,16}
 # threads of the distillation (2: the machine; 1 leaves a core to an eval of the teacher's rows
 # running beside it, which the final eval then takes from its cache)
