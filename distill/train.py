@@ -133,6 +133,24 @@ def sample_grid(denoiser: Denoiser, steps: int, n: int = 16) -> bytes:
     return grid_png(ddim_sample(denoiser.eval(), noise, labels, steps, denoiser.schedule))
 
 
+def check_same_model(run_dir: Path, model: ModelConfig) -> None:
+    """--resume continues the network the run was started with: another width, depth, norm
+    grouping or parameterization would fail to load, or (GroupNorm groups: same tensor shapes)
+    load silently and train a different model from then on."""
+    if not (run_dir / CONFIG).is_file():
+        return  # a checkpoint without config.json: loading it is the only check left
+    recorded = json.loads((run_dir / CONFIG).read_text()).get("model", {})
+    wanted = model.to_dict()
+    differ = sorted(k for k in wanted if k in recorded and recorded[k] != wanted[k])
+    if differ:
+        changes = "; ".join(f"{k}: {recorded[k]!r} there, {wanted[k]!r} asked" for k in differ)
+        raise ValueError(
+            f"--resume: {run_dir} was trained with another model ({changes}); pass the flags it "
+            "was started with (--preset, --widths, --layers-per-block, --norm-groups, "
+            "--parameterization) or a new --out"
+        )
+
+
 def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, Denoiser]:
     """A finished (or checkpointed) run's config and its EMA teacher."""
     run_dir = Path(run_dir)
@@ -164,6 +182,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step = 0
     if resume and (out / CHECKPOINT).is_file():
+        check_same_model(out, cfg.model)
         state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])

@@ -35,6 +35,17 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--norm-groups", type=int, help="GroupNorm groups (default: the preset's)"
     )
+    p.add_argument(
+        "--widths",
+        type=positive_ints,
+        help="channels of each UNet level, e.g. 64,128,128 (default: the preset's; each "
+        "level halves the image size)",
+    )
+    p.add_argument(
+        "--layers-per-block",
+        type=int,
+        help="residual blocks per UNet level (default: the preset's)",
+    )
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument(
         "--snapshot-every",
@@ -78,6 +89,12 @@ def cmd_train(args) -> int:
         cfg.model.parameterization = args.parameterization
     if args.norm_groups:
         cfg.model.norm_num_groups = args.norm_groups
+    if args.widths:
+        cfg.model.block_out_channels = tuple(args.widths)
+    if args.layers_per_block is not None:
+        if args.layers_per_block < 1:
+            raise UsageError(f"--layers-per-block must be >= 1, got {args.layers_per_block}")
+        cfg.model.layers_per_block = args.layers_per_block
     try:
         cfg.model.__post_init__()
     except ValueError as e:

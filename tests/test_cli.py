@@ -191,3 +191,48 @@ def test_sample_steps_are_a_budget_unless_exact(tiny_bundle_dir, tmp_path, capsy
     # The library call stays exact: it runs what it is given.
     with pytest.raises(ValueError, match="available"):
         sample_images(Bundle(tiny_bundle_dir), 3, n=1)
+
+
+
+def _train_argv(run, max_steps, widths="16,48", layers="2", groups=None, resume=False):
+    argv = ["train", "--data", "synthetic:64", "--out", str(run), "--preset", "tiny",
+            "--batch-size", "8", "--max-steps", str(max_steps), "--checkpoint-every", "2",
+            "--widths", widths, "--layers-per-block", layers]
+    return argv + (["--norm-groups", groups] if groups else []) + (["--resume"] if resume else [])
+
+
+def test_train_widths_and_depth_are_recorded_and_resume_keeps_the_model(tmp_path, capsys):
+    """--widths / --layers-per-block make the network; --resume refuses another network with
+    one line instead of a state-dict traceback (or, for --norm-groups, silently training a
+    different model: GroupNorm tensors have the same shape for any grouping)."""
+    run = tmp_path / "run"
+    assert main(_train_argv(run, 2)) == 0
+    model = json.loads((run / "config.json").read_text())["model"]
+    assert model["block_out_channels"] == [16, 48] and model["layers_per_block"] == 2
+    capsys.readouterr()
+
+    assert main(_train_argv(run, 3, resume=True)) == 0  # the same network continues
+    assert "from step 2" in capsys.readouterr().out
+
+    for change, named in (({"widths": "16,32"}, "block_out_channels: [16, 48] there"),
+                          ({"layers": "1"}, "layers_per_block: 2 there"),
+                          ({"groups": "4"}, "norm_num_groups: 8 there")):
+        assert main(_train_argv(run, 4, resume=True, **change)) == 2
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1, err
+    assert json.loads((run / "config.json").read_text())["model"] == model  # nothing rewritten
+
+
+def test_train_refuses_bad_widths_and_depth(tmp_path, capsys):
+    run = tmp_path / "r"
+    with pytest.raises(SystemExit) as exit_info:  # argparse: the usage line, then the error
+        main(_train_argv(run, 2, widths="16,x"))
+    assert exit_info.value.code == 2
+    assert "expected comma-separated integers" in capsys.readouterr().err
+    for change, message in (({"widths": "12,24"}, "divisible by norm_num_groups=8"),
+                            ({"widths": "16,32,32,32"}, "image size 28 must be divisible by 8"),
+                            ({"layers": "0"}, "--layers-per-block must be >= 1")):
+        assert main(_train_argv(run, 2, **change)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not run.exists()
