@@ -193,7 +193,6 @@ def test_sample_steps_are_a_budget_unless_exact(tiny_bundle_dir, tmp_path, capsy
         sample_images(Bundle(tiny_bundle_dir), 3, n=1)
 
 
-
 def _train_argv(run, max_steps, widths="16,48", layers="2", groups=None, resume=False):
     argv = ["train", "--data", "synthetic:64", "--out", str(run), "--preset", "tiny",
             "--batch-size", "8", "--max-steps", str(max_steps), "--checkpoint-every", "2",
