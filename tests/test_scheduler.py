@@ -194,12 +194,15 @@ def test_a_deadline_prediction_counts_the_lane_jobs_that_share_its_batch():
         engine.gate.clear()
         blocker = asyncio.create_task(b.submit(("m", "student", 1), *noise(), timeout_s=10))
         await asyncio.sleep(0.05)  # running, held at the gate
-        alone = b.predict_s(("m", "student", 4), 1, deadline_s=0.1)
+        # The plain jobs are due 4 batch times (0.16 s) after they arrive; the predictions come
+        # 0.05 s after that with a 0.02 s deadline, so they stay due first even when a loaded
+        # machine delays the event loop by tens of milliseconds (with 0.1 s the margin was 10 ms).
+        alone = b.predict_s(("m", "student", 4), 1, deadline_s=0.02)
         plain = [asyncio.create_task(b.submit(("m", "student", 4), *noise(2), timeout_s=10))
                  for _ in range(4)]
         await asyncio.sleep(0.05)
-        crowded = b.predict_s(("m", "student", 4), 1, deadline_s=0.1)
-        other_lane = b.predict_s(("m", "student", 1), 1, deadline_s=0.1)
+        crowded = b.predict_s(("m", "student", 4), 1, deadline_s=0.02)
+        other_lane = b.predict_s(("m", "student", 1), 1, deadline_s=0.02)
         engine.gate.set()
         await asyncio.gather(blocker, *plain)
         await b.close(5)
