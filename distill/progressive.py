@@ -319,15 +319,10 @@ def _record_resumed_config(out: Path, cfg: DistillConfig) -> str:
     """Keep a resumed run's settings beside the creating run's (`configs.distill`), which they
     may differ from (longer rounds, another batch size or rate), and return the key its
     students record as `config`: "distill_resumes[i]"."""
-    key = []
-
-    def record(manifest: dict) -> None:
-        resumes = manifest["configs"].setdefault("distill_resumes", [])
-        resumes.append(asdict(cfg))
-        key.append(f"distill_resumes[{len(resumes) - 1}]")
-
-    update_manifest(out, record)
-    return key[0]
+    manifest = update_manifest(
+        out, lambda m: m["configs"].setdefault("distill_resumes", []).append(asdict(cfg))
+    )
+    return f"distill_resumes[{len(manifest['configs']['distill_resumes']) - 1}]"
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:
