@@ -241,31 +241,3 @@ class Bundle:
             self._denoisers[key] = den.eval().requires_grad_(False)
         return self._denoisers[key]
 
-
-def copy_bundle(
-    src: str | os.PathLike, dst: str | os.PathLike, students: list[int] | None = None
-) -> Path:
-    """Copy a verified bundle, keeping only the listed students (all when None).
-
-    Used to ship a smaller bundle (e.g. the embedded one) without retraining. Exports are not
-    copied: they are rebuilt with `halfstep export`. Files first, manifest last.
-    """
-    import shutil
-
-    source = Bundle(src)
-    keep = source.student_steps if students is None else sorted(students)
-    missing = sorted(set(keep) - set(source.student_steps))
-    if missing:
-        raise BundleError(f"{src} has no students {missing}; it has {source.student_steps}")
-    dst = Path(dst)
-    if (dst / MANIFEST).exists():
-        raise BundleError(f"{dst} already holds a bundle; remove it first")
-    dst.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads(json.dumps(source.manifest))
-    manifest["students"] = [s for s in manifest["students"] if s["steps"] in keep]
-    manifest["exports"] = []
-    for entry in (manifest["teacher"], *manifest["students"]):
-        shutil.copyfile(source.path(entry["file"]), dst / entry["file"])
-    atomic_write_json(dst / MANIFEST, manifest)
-    Bundle(dst)  # the copy verifies
-    return dst

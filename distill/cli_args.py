@@ -57,3 +57,16 @@ def round_iterations(text: str) -> dict[int, int]:
 def round_learning_rates(text: str) -> dict[int, float]:
     """'128=5e-5,1=2e-4' -> {128: 5e-05, 1: 0.0002}: student steps -> that round's peak rate."""
     return _per_round(text, float, "lr", "128=5e-5,1=2e-4")
+
+
+def student_from_bundle(text: str) -> tuple[int, str]:
+    """'1=runs/other' -> (1, 'runs/other'): a student's steps and the bundle to take it from."""
+    steps, sep, path = text.partition("=")
+    try:
+        n = int(steps)
+    except ValueError:
+        n = 0
+    if not sep or n < 1 or not path:
+        raise argparse.ArgumentTypeError(
+            f"expected STEPS=BUNDLE such as 1=runs/longer-last-round, got {text!r}")
+    return n, path

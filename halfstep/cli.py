@@ -10,7 +10,12 @@ import argparse
 import sys
 
 from halfstep import __version__
-from halfstep.distill.cli_args import positive_ints, round_iterations, round_learning_rates
+from halfstep.distill.cli_args import (
+    positive_ints,
+    round_iterations,
+    round_learning_rates,
+    student_from_bundle,
+)
 from halfstep.distill.data_args import add_folder_options
 
 
@@ -235,17 +240,28 @@ def cmd_sample(args) -> int:
 
 
 def _add_copy_bundle(sub) -> None:
-    p = sub.add_parser("copy-bundle", help="copy a bundle, keeping only some students")
+    p = sub.add_parser(
+        "copy-bundle",
+        help="copy a bundle, keeping only some students or taking some from other bundles",
+    )
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--students", type=positive_ints, default=None, help="e.g. 1,2,4,8,16")
+    p.add_argument("--students", type=positive_ints, default=None,
+                   help="students to keep, e.g. 1,2,4,8,16 (default: all, and the taken ones)")
+    p.add_argument("--take", action="append", type=student_from_bundle, default=[],
+                   metavar="STEPS=BUNDLE",
+                   help="student STEPS from another bundle of the same teacher instead of SRC's, "
+                        "e.g. 1=runs/longer-last-round (repeatable)")
     p.set_defaults(func=cmd_copy_bundle)
 
 
 def cmd_copy_bundle(args) -> int:
-    from halfstep.distill.bundle import copy_bundle
+    from halfstep.distill.bundle_copy import copy_bundle
 
-    print(f"wrote {copy_bundle(args.src, args.dst, args.students)}")
+    take = dict(args.take)
+    if len(take) < len(args.take):
+        raise UsageError("--take names the same student twice")
+    print(f"wrote {copy_bundle(args.src, args.dst, args.students, take)}")
     return 0
 
 

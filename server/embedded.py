@@ -18,7 +18,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from halfstep.distill.bundle import MANIFEST, Bundle, BundleError, copy_bundle
+from halfstep.distill.bundle import MANIFEST, Bundle, BundleError
+from halfstep.distill.bundle_copy import copy_bundle
 from halfstep.distill.cache import default_cache_dir
 
 EMBEDDED = Path(__file__).parent / "bundles" / "mnist"

@@ -113,7 +113,7 @@ def test_replacing_a_student_keeps_one_entry(tmp_path):
 
 
 def test_copy_bundle_keeps_chosen_students(tiny_bundle_dir, tmp_path):
-    from halfstep.distill.bundle import copy_bundle
+    from halfstep.distill.bundle_copy import copy_bundle
 
     dst = copy_bundle(tiny_bundle_dir, tmp_path / "small", students=[1, 4])
     b = Bundle(dst)
@@ -122,6 +122,78 @@ def test_copy_bundle_keeps_chosen_students(tiny_bundle_dir, tmp_path):
         copy_bundle(tiny_bundle_dir, dst)
     with pytest.raises(BundleError, match=r"no students \[3\]"):
         copy_bundle(tiny_bundle_dir, tmp_path / "other", students=[3])
+
+
+def _same_teacher_bundle_with_new_student_1(src, root):
+    """A copy of `src` whose 1-step student was re-made by a resumed run (new weights)."""
+    shutil.copytree(src, root)
+    update_manifest(root, lambda m: m["configs"].setdefault("distill_resumes", []).append(
+        {"round_iters": {"1": 6000}}))
+    add_student(root, 1, tiny_denoiser(99).unet.state_dict(),
+                {"distilled_from": 2, "config": "distill_resumes[0]"})
+    return root
+
+
+def test_copy_bundle_takes_a_student_from_another_bundle_of_the_same_teacher(
+        tiny_bundle_dir, tmp_path):
+    from halfstep.distill.bundle_copy import copy_bundle
+
+    other = _same_teacher_bundle_with_new_student_1(tiny_bundle_dir, tmp_path / "longer")
+    dst = copy_bundle(tiny_bundle_dir, tmp_path / "mixed", students=[1, 2], take={1: other})
+    mixed, source, donor = Bundle(dst), Bundle(tiny_bundle_dir), Bundle(other)
+    assert mixed.student_steps == [1, 2]
+    assert mixed.weights_sha256("student", 1) == donor.weights_sha256("student", 1)
+    assert mixed.weights_sha256("student", 1) != source.weights_sha256("student", 1)
+    assert mixed.weights_sha256("student", 2) == source.weights_sha256("student", 2)
+    x = torch.randn(1, *mixed.image_shape)
+    assert torch.equal(mixed.denoiser("student", 1)(x, 0.5), donor.denoiser("student", 1)(x, 0.5))
+    entry = mixed.manifest["students"][0]
+    assert entry["config"] == "taken[0]"
+    taken = mixed.manifest["configs"]["taken"][0]
+    assert taken["bundle"] == str(other) and taken["config_there"] == "distill_resumes[0]"
+    assert taken["config"] == {"round_iters": {"1": 6000}}
+    # without --students: every source student, the taken one replacing its own
+    assert Bundle(copy_bundle(tiny_bundle_dir, tmp_path / "all", take={1: other})).student_steps \
+        == source.student_steps
+
+
+def test_copy_bundle_refuses_students_it_cannot_take(tiny_bundle_dir, tmp_path):
+    from halfstep.distill.bundle_copy import copy_bundle
+
+    other = _same_teacher_bundle_with_new_student_1(tiny_bundle_dir, tmp_path / "longer")
+    stranger = build_tiny_bundle(tmp_path / "stranger", seed=5)
+    cases = [
+        ({"take": {1: stranger}}, "another teacher"),
+        ({"take": {16: other}}, "has no student 16"),
+        ({"take": {1: other}, "students": [2, 4]}, r"taken from other bundles but not in"),
+    ]
+    for i, (kwargs, message) in enumerate(cases):
+        with pytest.raises(BundleError, match=message):
+            copy_bundle(tiny_bundle_dir, tmp_path / f"dst{i}", **kwargs)
+        assert not (tmp_path / f"dst{i}").exists()  # refused before anything is written
+
+
+def test_copy_bundle_command_takes_students_and_refuses_in_one_line(
+        tiny_bundle_dir, tmp_path, capsys):
+    from halfstep.cli import main
+
+    other = _same_teacher_bundle_with_new_student_1(tiny_bundle_dir, tmp_path / "longer")
+    assert main(["copy-bundle", str(tiny_bundle_dir), str(tmp_path / "mixed"),
+                 "--take", f"1={other}"]) == 0
+    assert Bundle(tmp_path / "mixed").weights_sha256("student", 1) \
+        == Bundle(other).weights_sha256("student", 1)
+    stranger = build_tiny_bundle(tmp_path / "stranger", seed=5)
+    capsys.readouterr()
+    assert main(["copy-bundle", str(tiny_bundle_dir), str(tmp_path / "bad"),
+                 "--take", f"1={stranger}"]) == 2
+    err = capsys.readouterr().err
+    assert "another teacher" in err and err.count("\n") == 1, err
+    assert main(["copy-bundle", str(tiny_bundle_dir), str(tmp_path / "bad"),
+                 "--take", f"1={other}", "--take", f"1={other}"]) == 2
+    assert "same student twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["copy-bundle", str(tiny_bundle_dir), str(tmp_path / "bad"), "--take", "one=x"])
+    assert exit_info.value.code == 2 and "expected STEPS=BUNDLE" in capsys.readouterr().err
 
 
 def test_written_files_are_world_readable(tiny_bundle_dir):

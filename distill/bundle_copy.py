@@ -1,0 +1,112 @@
+"""`halfstep copy-bundle`: a bundle with fewer students, or with some students from other bundles.
+
+A student can be taken from another bundle distilled from the same teacher (a longer last round
+run as an experiment, say) instead of re-running distillation. The taken entry keeps its
+metrics; the config that made it is copied under `configs.taken[i]`, and the entry says where
+it came from, so the manifest still tells how every file was made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .bundle import MANIFEST, Bundle, BundleError
+from .io import atomic_write_json
+
+# Fields that must agree for a student of one bundle to run in another (beside the teacher).
+SHARED_FIELDS = ("image_shape", "num_labels", "schedule", "parameterization", "time_input",
+                 "model")
+
+
+def config_that_made(manifest: dict, entry: dict) -> dict | None:
+    """The entry's `config` ("distill", "distill_resumes[1]", "taken[0]") looked up in
+    `configs`; None when the manifest does not hold it."""
+    name = entry.get("config", "distill")
+    match = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", name)
+    if not match:
+        return None
+    found = manifest.get("configs", {}).get(match[1])
+    if match[2] is not None:
+        index = int(match[2])
+        found = found[index] if isinstance(found, list) and index < len(found) else None
+    return found if isinstance(found, dict) else None
+
+
+def _check_same_teacher(source: Bundle, other: Bundle, steps: int) -> None:
+    if other.manifest["teacher"]["sha256"] != source.manifest["teacher"]["sha256"]:
+        raise BundleError(
+            f"student {steps} of {other.root} was distilled from another teacher than "
+            f"{source.root}'s (teacher sha256 {other.manifest['teacher']['sha256'][:12]} vs "
+            f"{source.manifest['teacher']['sha256'][:12]}): a bundle's students share its teacher"
+        )
+    for field in SHARED_FIELDS:
+        if other.manifest.get(field) != source.manifest.get(field):
+            raise BundleError(f"{other.root} and {source.root} differ in {field!r}: student "
+                              f"{steps} cannot be taken")
+
+
+def _taken_entry(manifest: dict, other: Bundle, steps: int, given_path: str) -> dict:
+    """Student `steps` of `other` as an entry of `manifest`, its config under configs.taken."""
+    entry = json.loads(json.dumps(next(
+        s for s in other.manifest["students"] if s["steps"] == steps)))
+    taken = manifest["configs"].setdefault("taken", [])
+    taken.append({
+        "bundle": given_path,
+        "name": other.name,
+        "steps": steps,
+        "config_there": entry.get("config", "distill"),
+        "config": config_that_made(other.manifest, entry),
+    })
+    entry["config"] = f"taken[{len(taken) - 1}]"
+    return entry
+
+
+def copy_bundle(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    students: list[int] | None = None,
+    take: dict[int, str | os.PathLike] | None = None,
+) -> Path:
+    """Copy a verified bundle, keeping only the listed students (default: all of them and the
+    taken ones); `take` maps a step count to another bundle whose student replaces (or adds)
+    that one. Exports are not copied: they are rebuilt with `halfstep export`. Files first,
+    manifest last; the copy is verified before returning.
+    """
+    source = Bundle(src)
+    take = dict(take or {})
+    others = {steps: Bundle(path) for steps, path in take.items()}
+    for steps, other in others.items():
+        if steps not in other.student_steps:
+            raise BundleError(f"{other.root} has no student {steps}; it has {other.student_steps}")
+        _check_same_teacher(source, other, steps)
+    keep = sorted(set(source.student_steps) | set(take)) if students is None else sorted(students)
+    not_kept = sorted(set(take) - set(keep))
+    if not_kept:
+        raise BundleError(f"students {not_kept} are taken from other bundles but not in the "
+                          f"students to keep {keep}: add them or drop the take")
+    missing = sorted(set(keep) - set(source.student_steps) - set(take))
+    if missing:
+        raise BundleError(f"{src} has no students {missing}; it has {source.student_steps}")
+    dst = Path(dst)
+    if (dst / MANIFEST).exists():
+        raise BundleError(f"{dst} already holds a bundle; remove it first")
+    dst.mkdir(parents=True, exist_ok=True)
+
+    manifest = json.loads(json.dumps(source.manifest))
+    manifest["exports"] = []
+    entries = {s["steps"]: s for s in manifest["students"] if s["steps"] in keep}
+    files_from = {s: source for s in entries}
+    for steps, other in sorted(others.items()):
+        entries[steps] = _taken_entry(manifest, other, steps, str(take[steps]))
+        files_from[steps] = other
+    manifest["students"] = [entries[s] for s in keep]
+    shutil.copyfile(source.path(manifest["teacher"]["file"]), dst / manifest["teacher"]["file"])
+    for entry in manifest["students"]:
+        shutil.copyfile(files_from[entry["steps"]].path(entry["file"]), dst / entry["file"])
+    atomic_write_json(dst / MANIFEST, manifest)
+    Bundle(dst)  # the copy verifies
+    return dst
