@@ -2,32 +2,36 @@
 # The reference MNIST bundle from the reference teacher (scripts/reference_teacher.sh), resumable
 # end to end: run it again after any interruption and it continues where it stopped.
 #
-# 1. The teacher's quality curve: every kept EMA snapshot at DDIM 32 (500 fixed seeds), and the
-#    final EMA at DDIM 32, 64 and 128, into runs/curve/*.json.
-# 2. Distillation starts at the fewest DDIM steps whose classifier FD is within 2% of the
-#    final teacher's best (128 or 64, say), with a lower learning rate in the early rounds (the
-#    student starts a fraction of a pixel level from its teacher there) and more iterations
-#    towards the last rounds, where the gap doubles each round.
-# 3. The embedded bundle is re-made from it (teacher + students 1, 2, 4, 8, 16).
-# 4. `halfstep eval` at N = 2,000 (rows are cached: an interrupted eval resumes).
+# 1. The teacher's quality curve: every kept EMA snapshot at DDIM 32 (500 fixed seeds), into
+#    runs/curve/snapshots.json.
+# 2. The teacher's rows of the final eval (N = 2,000: DDIM and DPM-Solver++), from a bundle that
+#    holds only the teacher; the final eval takes them from its cache.
+# 3. Distillation starts at the fewest DDIM steps whose classifier FD (N = 2,000) is within 2%
+#    of the teacher's best, with a lower learning rate in the early rounds (the student starts a
+#    fraction of a pixel level from its teacher there) and more iterations towards the last
+#    rounds, where the gap doubles each round. (Not at 500 samples: their FD carries a bias of
+#    about +5.4 that hides differences between step counts: 64 steps looked 1.6% from the best
+#    there and is 6% from it at N = 2,000.)
+# 4. The embedded bundle is re-made from it (teacher + students 1, 2, 4, 8, 16).
+# 5. `halfstep eval` at N = 2,000 (rows are cached: an interrupted eval resumes).
 #
 # Run it at idle priority: `nohup chrt -i 0 scripts/reference_distill.sh > runs/distill.log 2>&1 &`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNIST="${HALFSTEP_MNIST_DIR:-$(cd .. && pwd)/shared/data/mnist}"
 HALFSTEP=${HALFSTEP:-.venv/bin/halfstep}
+PYTHON=${PYTHON:-.venv/bin/python}
 TEACHER=runs/mnist-teacher
-BUNDLE=runs/mnist-bundle-ref
+TEACHER_ONLY=runs/teacher-only
 CURVE=runs/curve
 # per-round iterations and peak learning rates, by the student's step count (the defaults are
-# the embedded bundle's recipe: 15,100 iterations, about 110 minutes of rounds on 2 idle CPU
-# cores; the rounds a start does not make are dropped below)
-ROUND_ITERS=${ROUND_ITERS:-64=600,32=500,16=1200,8=2000,4=3000,2=2400,1=6000}
-ROUND_LR=${ROUND_LR:-64=5e-5,32=5e-5,16=1e-4,8=1e-4,4=1e-4,2=1e-4,1=1e-4}
-# DDIM step counts of the teacher's final curve (the start of distillation is chosen from these)
-# and of the teacher rows of the eval; at N = 2,000 each teacher step costs about 5 s on 2 CPU
-# cores (256 alone: about 15 minutes; 512: about 47)
-FINAL_DDIM_STEPS=${FINAL_DDIM_STEPS:-32,64,128}
+# the embedded bundle's recipe from 256 steps: 16,100 iterations, about 2 hours of rounds on 2
+# idle CPU cores; the rounds a start does not make are dropped below)
+ROUND_ITERS=${ROUND_ITERS:-128=500,64=500,32=500,16=1200,8=2000,4=3000,2=2400,1=6000}
+ROUND_LR=${ROUND_LR:-128=5e-5,64=5e-5,32=5e-5,16=1e-4,8=1e-4,4=1e-4,2=1e-4,1=1e-4}
+# DDIM step counts of the teacher rows of the eval (the start of distillation is chosen from
+# these); at N = 2,000 each teacher step costs about 5 s on 2 CPU cores (256 alone: about 15
+# minutes; 512: about 47)
 EVAL_TEACHER_STEPS=${EVAL_TEACHER_STEPS:-2,4,8,16,32,64,128,256,512}
 EVAL_DPM_STEPS=${EVAL_DPM_STEPS:-4,8,16}
 # threads of the distillation (2: the machine; 1 leaves a core to an eval of the teacher's rows
@@ -38,20 +42,33 @@ mkdir -p "$CURVE"
 [ -f "$TEACHER/ema.safetensors" ] || { echo "no finished teacher in $TEACHER" >&2; exit 1; }
 [ -f "$CURVE/snapshots.json" ] || "$HALFSTEP" teacher-curve --run "$TEACHER" \
   --data "mnist:$MNIST" --samples 500 --ddim-steps 32 --json "$CURVE/snapshots.json"
-[ -f "$CURVE/final-ddim.json" ] || "$HALFSTEP" teacher-curve --run "$TEACHER" --last \
-  --data "mnist:$MNIST" --samples 500 --ddim-steps "$FINAL_DDIM_STEPS" --json "$CURVE/final-ddim.json"
+EVAL_ARGS=(--data "mnist:$MNIST" --teacher-steps "$EVAL_TEACHER_STEPS" --dpm-steps "$EVAL_DPM_STEPS"
+  --samples 2000 --fid-ref-samples 2000 --batch-size 64 --cache-dir runs/cache)
 
-from_steps=$(python3 - "$CURVE/final-ddim.json" <<'PY'
+# the teacher alone as a bundle: the same teacher file (and sha256) the distilled bundle gets
+[ -f "$TEACHER_ONLY/bundle.json" ] || "$PYTHON" - "$TEACHER" "$TEACHER_ONLY" <<'PY'
+import sys
+from halfstep.distill.bundle import create_bundle
+from halfstep.distill.train import load_run
+cfg, teacher = load_run(sys.argv[1])
+create_bundle(sys.argv[2], "mnist", teacher.config, teacher.unet.state_dict(), default_steps=128,
+              max_steps=1024, configs={"train": cfg.to_dict()})
+PY
+OMP_NUM_THREADS=2 "$HALFSTEP" eval --bundle "$TEACHER_ONLY" --steps "" "${EVAL_ARGS[@]}" \
+  --json "$CURVE/teacher-rows.json" --quiet
+
+from_steps=$(python3 - "$CURVE/teacher-rows.json" <<'PY'
 import json, sys
-rows = json.load(open(sys.argv[1]))
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["method"] == "ddim"]
 best = min(r["fd_classifier"] for r in rows)
-fits = sorted(r["ddim_steps"] for r in rows if r["fd_classifier"] <= 1.02 * best)
-print(f"teacher DDIM FD by steps: {[(r['ddim_steps'], round(r['fd_classifier'], 3)) for r in rows]}",
+fits = sorted(r["steps"] for r in rows if r["fd_classifier"] <= 1.02 * best)
+print(f"teacher DDIM FD by steps: {[(r['steps'], round(r['fd_classifier'], 3)) for r in rows]}",
       file=sys.stderr)
 print(max(fits[0], 2))
 PY
 )
-echo "distilling from $from_steps steps"
+BUNDLE=${BUNDLE:-runs/mnist-bundle-$from_steps}
+echo "distilling from $from_steps steps into $BUNDLE"
 # keep the per-round settings of the rounds this start makes (students below from_steps)
 rounds_below() { tr ',' '\n' <<<"$1" | awk -F= -v start="$from_steps" '$1 < start' | paste -sd, -; }
 ROUND_ITERS=$(rounds_below "$ROUND_ITERS")
@@ -64,9 +81,7 @@ OMP_NUM_THREADS=$DISTILL_THREADS "$HALFSTEP" distill --teacher "$TEACHER" --out 
 
 rm -rf runs/mnist-embedded
 "$HALFSTEP" copy-bundle "$BUNDLE" runs/mnist-embedded --students 1,2,4,8,16
-OMP_NUM_THREADS=2 "$HALFSTEP" eval --bundle "$BUNDLE" --data "mnist:$MNIST" \
-  --steps 1,2,4,8,16 --teacher-steps "$EVAL_TEACHER_STEPS" --dpm-steps "$EVAL_DPM_STEPS" \
-  --samples 2000 --fid-ref-samples 2000 --batch-size 64 --cache-dir runs/cache \
+OMP_NUM_THREADS=2 "$HALFSTEP" eval --bundle "$BUNDLE" --steps 1,2,4,8,16 "${EVAL_ARGS[@]}" \
   --json runs/eval-ref.json --plot runs/quality-ref.png --grids runs/grids-ref
 echo "done: compare runs/eval-ref.json with docs/results/eval.json; if better, replace"
 echo "server/bundles/mnist with runs/mnist-embedded and the docs/results files"
