@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +103,34 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return manifest
 
 
-def update_manifest(root: str | os.PathLike, update) -> dict:
-    """Read, apply `update(manifest)` in memory, write back atomically."""
+def update_manifest(root: str | os.PathLike, update) -> Any:
+    """Read, apply `update(manifest)` in memory, write back atomically; returns what `update`
+    returns."""
     manifest = read_manifest(root)
-    update(manifest)
+    result = update(manifest)
     atomic_write_json(Path(root) / MANIFEST, manifest)
-    return manifest
+    return result
+
+
+def append_config(manifest: dict, kind: str, config: dict) -> str:
+    """Append `config` to the list `configs[kind]` and return the name a student entry records
+    as its `config`: "kind[i]" (`config_that_made` reads it back)."""
+    configs = manifest["configs"].setdefault(kind, [])
+    configs.append(config)
+    return f"{kind}[{len(configs) - 1}]"
+
+
+def config_that_made(manifest: dict, entry: dict) -> dict | None:
+    """The entry's `config` ("distill", "distill_resumes[1]", "taken[0]") looked up in
+    `configs`; None when the manifest does not hold it."""
+    match = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", entry.get("config", "distill"))
+    if not match:
+        return None
+    found = manifest.get("configs", {}).get(match[1])
+    if match[2] is not None:
+        index = int(match[2])
+        found = found[index] if isinstance(found, list) and index < len(found) else None
+    return found if isinstance(found, dict) else None
 
 
 def add_student(

@@ -10,30 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-from .bundle import MANIFEST, Bundle, BundleError
+from .bundle import MANIFEST, Bundle, BundleError, append_config, config_that_made
 from .io import atomic_write_json
 
 # Fields that must agree for a student of one bundle to run in another (beside the teacher).
 SHARED_FIELDS = ("image_shape", "num_labels", "schedule", "parameterization", "time_input",
                  "model")
-
-
-def config_that_made(manifest: dict, entry: dict) -> dict | None:
-    """The entry's `config` ("distill", "distill_resumes[1]", "taken[0]") looked up in
-    `configs`; None when the manifest does not hold it."""
-    name = entry.get("config", "distill")
-    match = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", name)
-    if not match:
-        return None
-    found = manifest.get("configs", {}).get(match[1])
-    if match[2] is not None:
-        index = int(match[2])
-        found = found[index] if isinstance(found, list) and index < len(found) else None
-    return found if isinstance(found, dict) else None
 
 
 def _check_same_teacher(source: Bundle, other: Bundle, steps: int) -> None:
@@ -53,15 +38,13 @@ def _taken_entry(manifest: dict, other: Bundle, steps: int, given_path: str) -> 
     """Student `steps` of `other` as an entry of `manifest`, its config under configs.taken."""
     entry = json.loads(json.dumps(next(
         s for s in other.manifest["students"] if s["steps"] == steps)))
-    taken = manifest["configs"].setdefault("taken", [])
-    taken.append({
+    entry["config"] = append_config(manifest, "taken", {
         "bundle": given_path,
         "name": other.name,
         "steps": steps,
         "config_there": entry.get("config", "distill"),
         "config": config_that_made(other.manifest, entry),
     })
-    entry["config"] = f"taken[{len(taken) - 1}]"
     return entry
 
 
@@ -99,14 +82,13 @@ def copy_bundle(
     manifest = json.loads(json.dumps(source.manifest))
     manifest["exports"] = []
     entries = {s["steps"]: s for s in manifest["students"] if s["steps"] in keep}
-    files_from = {s: source for s in entries}
     for steps, other in sorted(others.items()):
         entries[steps] = _taken_entry(manifest, other, steps, str(take[steps]))
-        files_from[steps] = other
     manifest["students"] = [entries[s] for s in keep]
     shutil.copyfile(source.path(manifest["teacher"]["file"]), dst / manifest["teacher"]["file"])
     for entry in manifest["students"]:
-        shutil.copyfile(files_from[entry["steps"]].path(entry["file"]), dst / entry["file"])
+        from_bundle = others.get(entry["steps"], source)
+        shutil.copyfile(from_bundle.path(entry["file"]), dst / entry["file"])
     atomic_write_json(dst / MANIFEST, manifest)
     Bundle(dst)  # the copy verifies
     return dst

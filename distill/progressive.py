@@ -25,6 +25,7 @@ from .bundle import (
     Bundle,
     BundleError,
     add_student,
+    append_config,
     create_bundle,
     read_manifest,
     update_manifest,
@@ -319,10 +320,7 @@ def _record_resumed_config(out: Path, cfg: DistillConfig) -> str:
     """Keep a resumed run's settings beside the creating run's (`configs.distill`), which they
     may differ from (longer rounds, another batch size or rate), and return the key its
     students record as `config`: "distill_resumes[i]"."""
-    manifest = update_manifest(
-        out, lambda m: m["configs"].setdefault("distill_resumes", []).append(asdict(cfg))
-    )
-    return f"distill_resumes[{len(manifest['configs']['distill_resumes']) - 1}]"
+    return update_manifest(out, lambda m: append_config(m, "distill_resumes", asdict(cfg)))
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:
