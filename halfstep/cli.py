@@ -239,6 +239,30 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _add_bundle(sub) -> None:
+    from halfstep.distill.bundle_teacher import DEFAULT_STEPS, MAX_STEPS
+
+    p = sub.add_parser(
+        "bundle", help="a trained teacher alone as a bundle: serve or evaluate it before distilling"
+    )
+    p.add_argument("--teacher", required=True, help="training run directory (halfstep train)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
+    p.add_argument("--default-steps", type=int, default=DEFAULT_STEPS,
+                   help="DDIM steps of a request that names none (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS,
+                   help="the most DDIM steps a request may ask for (default: %(default)s)")
+    p.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args) -> int:
+    from halfstep.distill.bundle_teacher import bundle_teacher
+
+    out = bundle_teacher(args.teacher, args.out, args.name, args.default_steps, args.max_steps)
+    print(f"wrote {out} (teacher only; distill the run into another --out for students)")
+    return 0
+
+
 def _add_copy_bundle(sub) -> None:
     p = sub.add_parser(
         "copy-bundle",
@@ -305,7 +329,9 @@ def _plugins():
                 raise
 
 
-SUBCOMMANDS = [_add_train, _add_distill, _add_sample, _add_copy_bundle, _add_import_diffusers]
+SUBCOMMANDS = [
+    _add_train, _add_distill, _add_sample, _add_bundle, _add_copy_bundle, _add_import_diffusers
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

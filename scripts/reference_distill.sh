@@ -20,7 +20,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MNIST="${HALFSTEP_MNIST_DIR:-$(cd .. && pwd)/shared/data/mnist}"
 HALFSTEP=${HALFSTEP:-.venv/bin/halfstep}
-PYTHON=${PYTHON:-.venv/bin/python}
 TEACHER=runs/mnist-teacher
 TEACHER_ONLY=runs/teacher-only
 CURVE=runs/curve
@@ -46,14 +45,8 @@ EVAL_ARGS=(--data "mnist:$MNIST" --teacher-steps "$EVAL_TEACHER_STEPS" --dpm-ste
   --samples 2000 --fid-ref-samples 2000 --batch-size 64 --cache-dir runs/cache)
 
 # the teacher alone as a bundle: the same teacher file (and sha256) the distilled bundle gets
-[ -f "$TEACHER_ONLY/bundle.json" ] || "$PYTHON" - "$TEACHER" "$TEACHER_ONLY" <<'PY'
-import sys
-from halfstep.distill.bundle import create_bundle
-from halfstep.distill.train import load_run
-cfg, teacher = load_run(sys.argv[1])
-create_bundle(sys.argv[2], "mnist", teacher.config, teacher.unet.state_dict(), default_steps=128,
-              max_steps=1024, configs={"train": cfg.to_dict()})
-PY
+[ -f "$TEACHER_ONLY/bundle.json" ] ||
+  "$HALFSTEP" bundle --teacher "$TEACHER" --out "$TEACHER_ONLY" --name mnist
 OMP_NUM_THREADS=2 "$HALFSTEP" eval --bundle "$TEACHER_ONLY" --steps "" "${EVAL_ARGS[@]}" \
   --json "$CURVE/teacher-rows.json" --quiet
 
