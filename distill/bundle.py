@@ -27,6 +27,9 @@ from .manifest_check import check_manifest, check_weight_shapes
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 TEACHER_FILE = "teacher.safetensors"
+# Weights may be stored narrower than they run: a float16 bundle is half the size and loads
+# into the float32 model (load_state_dict casts). safetensors header names -> torch dtypes.
+STORAGE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class BundleError(ValueError):
@@ -236,8 +239,13 @@ class Bundle:
             try:
                 with safe_open(str(path), framework="pt") as f:
                     shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                    dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
             except Exception as exc:  # safetensors raises its own error types
                 raise BundleError(f"bundle file unreadable: {path}: {exc}") from None
+            odd = sorted(dtypes - STORAGE_DTYPES.keys())
+            if odd:
+                raise BundleError(f"bundle file {path} holds {odd} tensors; weights are stored "
+                                  f"as one of {sorted(STORAGE_DTYPES)}")
             check_weight_shapes(self.manifest, path, shapes, self.root / MANIFEST, BundleError)
             if shapes != expected:
                 bad = sorted(set(shapes.items()) ^ set(expected.items()))[:3]

@@ -266,7 +266,8 @@ def cmd_bundle(args) -> int:
 def _add_copy_bundle(sub) -> None:
     p = sub.add_parser(
         "copy-bundle",
-        help="copy a bundle, keeping only some students or taking some from other bundles",
+        help="copy a bundle, keeping only some students, taking some from other bundles, or "
+             "storing its weights as float16",
     )
     p.add_argument("src")
     p.add_argument("dst")
@@ -276,6 +277,9 @@ def _add_copy_bundle(sub) -> None:
                    metavar="STEPS=BUNDLE",
                    help="student STEPS from another bundle of the same teacher instead of SRC's, "
                         "e.g. 1=runs/longer-last-round (repeatable)")
+    p.add_argument("--dtype", default=None, metavar="float16|bfloat16|float32",
+                   help="store every weight file as this type (float16: half the size; the "
+                        "model still runs in float32); default: as in SRC")
     p.set_defaults(func=cmd_copy_bundle)
 
 
@@ -285,7 +289,7 @@ def cmd_copy_bundle(args) -> int:
     take = dict(args.take)
     if len(take) < len(args.take):
         raise UsageError("--take names the same student twice")
-    print(f"wrote {copy_bundle(args.src, args.dst, args.students, take)}")
+    print(f"wrote {copy_bundle(args.src, args.dst, args.students, take, args.dtype)}")
     return 0
 
 
