@@ -28,8 +28,8 @@ FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 TEACHER_FILE = "teacher.safetensors"
 # Weights may be stored narrower than they run: a float16 bundle is half the size and loads
-# into the float32 model (load_state_dict casts). safetensors header names -> torch dtypes.
-STORAGE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# into the float32 model (load_state_dict casts). Names as safetensors headers give them.
+STORAGE_DTYPES = frozenset({"F32", "F16", "BF16"})
 
 
 class BundleError(ValueError):
@@ -242,7 +242,7 @@ class Bundle:
                     dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
             except Exception as exc:  # safetensors raises its own error types
                 raise BundleError(f"bundle file unreadable: {path}: {exc}") from None
-            odd = sorted(dtypes - STORAGE_DTYPES.keys())
+            odd = sorted(dtypes - STORAGE_DTYPES)
             if odd:
                 raise BundleError(f"bundle file {path} holds {odd} tensors; weights are stored "
                                   f"as one of {sorted(STORAGE_DTYPES)}")
