@@ -277,18 +277,18 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
     _barrier()
     bundle = Bundle(out) if exists else None  # verified once
     done = bundle.student_steps if bundle else []
+    todo = rounds_to_make(cfg, done)
     if done:
         teacher = bundle.denoiser("student", min(done))
     if exists and rank == 0:
-        print(f"resuming {out}: students {done} already distilled")
+        print(f"resuming {out}: students {done} already distilled; rounds left: "
+              f"{', '.join(f'{2 * n}->{n}' for n in todo) or 'none'}")
     teacher = teacher.to(device)
     loss_fn = WeightedXLoss(train_cfg.weighting)
     made_by = "distill"  # the key under the manifest's configs of the settings of this run
-    if exists and rank == 0 and set(cfg.round_steps()) - set(done):
+    if exists and rank == 0 and todo:
         made_by = _record_resumed_config(out, cfg)
-    for n in cfg.round_steps():
-        if n in done:
-            continue
+    for n in todo:
         student, metrics = distill_round(teacher, dataset, n, cfg, loss_fn, progress)
         if rank == 0:
             add_student(
@@ -314,6 +314,23 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
     if rank == 0:
         print(f"bundle written to {out}", flush=True)
     return out
+
+
+def rounds_to_make(cfg: DistillConfig, done: list[int]) -> list[int]:
+    """The rounds a run still makes: after its smallest finished student, whose weights teach
+    the next round. Students above it that a bundle lacks (`copy-bundle --students` dropped
+    them) are not re-made; a chain that does not continue from it is refused."""
+    if not done:
+        return cfg.round_steps()
+    last = min(done)
+    todo = [n for n in cfg.round_steps() if n < last]
+    if todo and todo[0] != last // 2:
+        raise BundleError(
+            f"the bundle's fewest-step student has {last} steps, so the next round makes "
+            f"{last // 2}, but --from-steps {cfg.from_steps} --to-steps {cfg.to_steps} would "
+            f"make {todo[0]} next; pass --from-steps {last}"
+        )
+    return todo
 
 
 def _record_resumed_config(out: Path, cfg: DistillConfig) -> str:

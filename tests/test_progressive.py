@@ -171,3 +171,41 @@ def test_a_resumed_run_records_its_own_settings_beside_the_creating_runs(tmp_pat
     assert configs["distill_resumes"][0]["round_iters"] == {"1": 3}
     made_by = {s["steps"]: (s["config"], s["iters"]) for s in manifest["students"]}
     assert made_by == {2: ("distill", 2), 1: ("distill_resumes[0]", 3)}
+
+
+def test_resume_continues_after_the_fewest_step_student_and_never_remakes_dropped_ones(
+        tmp_path):
+    """A bundle cut down with copy-bundle (the embedded one keeps 1, 2, 4, 8, 16 of a run from
+    256) must not have its dropped rounds re-made from its 1-step student on --resume."""
+    from halfstep.distill.bundle import Bundle, BundleError
+    from halfstep.distill.bundle_copy import copy_bundle
+    from halfstep.distill.progressive import distill_run
+    from halfstep.distill.train import TrainConfig, train
+
+    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
+                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
+    train(teacher, progress=False)
+    common = dict(teacher=teacher.out, from_steps=8, iters_per_round=1, batch_size=4,
+                  probe_size=2)
+    distill_run(DistillConfig(**common, out=str(tmp_path / "full")), progress=False)
+    assert Bundle(tmp_path / "full").student_steps == [1, 2, 4]
+
+    only_1 = copy_bundle(tmp_path / "full", tmp_path / "only-1", students=[1])
+    before = (only_1 / "bundle.json").read_text()
+    distill_run(DistillConfig(**common, out=str(only_1)), resume=True, progress=False)
+    assert (only_1 / "bundle.json").read_text() == before  # nothing left to make
+    assert sorted(p.name for p in only_1.glob("student-*")) == ["student-1.safetensors"]
+
+    only_4 = copy_bundle(tmp_path / "full", tmp_path / "only-4", students=[4])
+    distill_run(DistillConfig(**common, out=str(only_4)), resume=True, progress=False)
+    resumed = Bundle(only_4)
+    assert resumed.student_steps == [1, 2, 4]
+    assert [s["config"] for s in resumed.manifest["students"]] == [
+        "distill_resumes[0]", "distill_resumes[0]", "distill"]
+
+    again = copy_bundle(tmp_path / "full", tmp_path / "only-4-again", students=[4])
+    before = (again / "bundle.json").read_text()
+    with pytest.raises(BundleError, match="fewest-step student has 4 steps.*--from-steps 4"):
+        distill_run(DistillConfig(**{**common, "from_steps": 2}, out=str(again)), resume=True,
+                    progress=False)
+    assert (again / "bundle.json").read_text() == before
