@@ -36,6 +36,12 @@ class BundleError(ValueError):
     """A bundle that is missing, corrupt or does not have what was asked for."""
 
 
+def refuse_existing_bundle(root: str | os.PathLike, hint: str) -> None:
+    """Raise when `root` already holds a bundle (no command overwrites one); `hint`: what to do."""
+    if (Path(root) / MANIFEST).exists():
+        raise BundleError(f"{root} already holds a bundle; {hint}")
+
+
 def student_file(steps: int) -> str:
     return f"student-{steps}.safetensors"
 
@@ -238,8 +244,9 @@ class Bundle:
             path = self.verify_file(entry)
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                    dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+                    slices = {k: f.get_slice(k) for k in f.keys()}
+                    shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+                    dtypes = {s.get_dtype() for s in slices.values()}
             except Exception as exc:  # safetensors raises its own error types
                 raise BundleError(f"bundle file unreadable: {path}: {exc}") from None
             odd = sorted(dtypes - STORAGE_DTYPES)

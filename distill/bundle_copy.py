@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .bundle import MANIFEST, Bundle, BundleError, append_config, config_that_made
+from .bundle import (
+    MANIFEST,
+    Bundle,
+    BundleError,
+    append_config,
+    config_that_made,
+    refuse_existing_bundle,
+)
 from .io import atomic_save_safetensors, atomic_write_json
 
 # Fields that must agree for a student of one bundle to run in another (beside the teacher).
@@ -108,8 +115,7 @@ def copy_bundle(
     if missing:
         raise BundleError(f"{src} has no students {missing}; it has {source.student_steps}")
     dst = Path(dst)
-    if (dst / MANIFEST).exists():
-        raise BundleError(f"{dst} already holds a bundle; remove it first")
+    refuse_existing_bundle(dst, "remove it first")
 
     manifest = json.loads(json.dumps(source.manifest))
     manifest["exports"] = []

@@ -25,15 +25,14 @@ def bundle_teacher(
     max_steps: int = MAX_STEPS,
 ) -> Path:
     """Write the EMA teacher of `run_dir` as a bundle with no students; returns `out`."""
-    from .bundle import MANIFEST, BundleError, create_bundle  # torch: only when it runs
+    from .bundle import create_bundle, refuse_existing_bundle  # torch: only when it runs
     from .train import load_run
 
     out = Path(out)
     if not 1 <= default_steps <= max_steps:
         raise ValueError(f"--default-steps must be in 1..--max-steps ({max_steps}), "
                          f"got {default_steps}")
-    if (out / MANIFEST).exists():
-        raise BundleError(f"{out} already holds a bundle; remove it first or choose another --out")
+    refuse_existing_bundle(out, "remove it first or choose another --out")
     train_cfg, teacher = load_run(run_dir)
     return create_bundle(out, name or out.name, teacher.config, teacher.unet.state_dict(),
                          default_steps, max_steps, configs={"train": train_cfg.to_dict()})

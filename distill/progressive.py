@@ -22,12 +22,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .bundle import (
+    MANIFEST,
     Bundle,
     BundleError,
     add_student,
     append_config,
     create_bundle,
     read_manifest,
+    refuse_existing_bundle,
     update_manifest,
 )
 from .data import ImageDataset, load_dataset
@@ -259,9 +261,9 @@ def distill_run(cfg: DistillConfig, resume: bool = False, progress: bool = True)
             f"data shape {dataset.image_shape} != teacher shape {teacher.config.image_shape}"
         )
     out = Path(cfg.out)
-    exists = (out / "bundle.json").is_file()
-    if exists and not resume:
-        raise BundleError(f"{out} already holds a bundle; pass --resume or choose another --out")
+    if not resume:
+        refuse_existing_bundle(out, "pass --resume or choose another --out")
+    exists = (out / MANIFEST).is_file()
     _barrier()  # every rank has looked before rank 0 creates it
     if not exists and rank == 0:
         configs = {"train": train_cfg.to_dict(), "distill": asdict(cfg)}
