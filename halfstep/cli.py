@@ -157,7 +157,16 @@ def _add_distill(sub) -> None:
         default=64,
         help="fixed seeds on which each round's gap to its teacher is measured and logged (64)",
     )
-    p.add_argument("--resume", action="store_true", help="continue after the last finished round")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=250,
+        metavar="ITERS",
+        help="save the running round's state every ITERS iterations, for --resume (250)",
+    )
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: after its last finished round, inside the "
+                        "running round from its last save")
     p.set_defaults(func=cmd_distill)
 
 
@@ -180,6 +189,7 @@ def cmd_distill(args) -> int:
         name=args.name,
         seed=args.seed,
         probe_size=args.probe_seeds,
+        checkpoint_every=args.checkpoint_every,
     )
     distill_run(cfg, resume=args.resume)
     return 0

@@ -1,5 +1,5 @@
 """Distillation under torchrun: two gloo processes make the same students as one, and a run
-resumes after its last finished round at another world size."""
+resumes at another world size, after its last finished round or inside the running one."""
 
 import os
 import socket
@@ -89,3 +89,25 @@ def test_resume_after_a_round_at_another_world_size(teacher_run, tmp_path):
     assert Bundle(tmp_path / "split").student_steps == [2]
     _distill(teacher_run, tmp_path / "split", 1, resume=True)  # second round on one
     _assert_same(tmp_path / "straight", tmp_path / "split")
+
+
+@pytest.mark.slow
+def test_a_round_cut_in_one_process_continues_in_two(teacher_run, tmp_path, monkeypatch):
+    """The saved state of a running round (student, Adam) loads on every rank: a round cut
+    after 2 of its 3 iterations in one process ends on two with the uncut round's student."""
+    from halfstep.distill.progressive import DistillConfig, distill_run
+    from tests.test_progressive import _interrupt_after
+
+    _distill(teacher_run, tmp_path / "straight", 1, to_steps=2)
+    cut = tmp_path / "cut"
+    _interrupt_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        distill_run(DistillConfig(teacher=str(teacher_run), out=str(cut), from_steps=4,
+                                  to_steps=2, iters_per_round=3, batch_size=8,
+                                  round_lr={2: 5e-4}, checkpoint_every=1), progress=False)
+    proc = _run(["distill", "--teacher", str(teacher_run), "--out", str(cut), "--from-steps",
+                 "4", "--to-steps", "2", "--iters-per-round", "3", "--batch-size", "8",
+                 "--round-lr", "2=5e-4", "--checkpoint-every", "1", "--resume"], 2)
+    assert "round 4->2: continuing at iteration 2" in proc.stdout
+    assert Bundle(cut).manifest["students"][0]["metrics"]["processes"] == 2
+    _assert_same(tmp_path / "straight", cut)

@@ -209,3 +209,80 @@ def test_resume_continues_after_the_fewest_step_student_and_never_remakes_droppe
         distill_run(DistillConfig(**{**common, "from_steps": 2}, out=str(again)), resume=True,
                     progress=False)
     assert (again / "bundle.json").read_text() == before
+
+
+def _interrupt_after(monkeypatch, calls: int) -> list[int]:
+    """Make the distillation loss raise on its `calls`-th call (a killed job); returns the
+    running count of calls."""
+    import halfstep.distill.progressive as progressive
+
+    real, seen = progressive.distillation_loss, []
+
+    def counted(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == calls:
+            raise KeyboardInterrupt("interrupted by the test")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(progressive, "distillation_loss", counted)
+    return seen
+
+
+def test_an_interrupted_round_continues_from_its_last_save_to_the_same_student(
+        tmp_path, monkeypatch):
+    """A round killed at iteration 5 of 7 with saves every 2 continues at iteration 4 on
+    --resume (3 iterations run, not 7) and ends with the student of an uninterrupted round."""
+    from halfstep.distill.bundle import Bundle
+    from halfstep.distill.progressive import distill_run
+    from halfstep.distill.train import TrainConfig, train
+
+    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
+                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
+    train(teacher, progress=False)
+    common = dict(teacher=teacher.out, from_steps=4, to_steps=2, iters_per_round=7,
+                  batch_size=4, probe_size=2, checkpoint_every=2, lr=1e-3)
+    distill_run(DistillConfig(**common, out=str(tmp_path / "whole")), progress=False)
+
+    cut = tmp_path / "cut"
+    _interrupt_after(monkeypatch, 5)  # iterations 0-3 ran; the save after iteration 4 is next
+    with pytest.raises(KeyboardInterrupt):
+        distill_run(DistillConfig(**common, out=str(cut)), progress=False)
+    assert (cut / "round-4to2.partial.pt").is_file()
+    assert not (cut / "student-2.safetensors").exists()
+
+    seen = _interrupt_after(monkeypatch, 0)  # counts only
+    distill_run(DistillConfig(**common, out=str(cut)), resume=True, progress=False)
+    assert len(seen) == 3  # iterations 4, 5, 6
+    assert not (cut / "round-4to2.partial.pt").exists()
+    whole, resumed = Bundle(tmp_path / "whole"), Bundle(cut)
+    a = whole.denoiser("student", 2).unet.state_dict()
+    b = resumed.denoiser("student", 2).unet.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    metrics = resumed.manifest["students"][0]["metrics"]
+    assert metrics["continued_at_iter"] == 4
+    assert metrics["loss_last_50"] == pytest.approx(
+        whole.manifest["students"][0]["metrics"]["loss_last_50"], rel=1e-5)
+
+
+def test_a_partial_round_made_with_other_settings_is_refused_not_dropped(tmp_path, monkeypatch):
+    from halfstep.distill.bundle import BundleError
+    from halfstep.distill.progressive import distill_run
+    from halfstep.distill.train import TrainConfig, train
+
+    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
+                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
+    train(teacher, progress=False)
+    common = dict(teacher=teacher.out, out=str(tmp_path / "b"), from_steps=4, to_steps=2,
+                  batch_size=4, probe_size=2, checkpoint_every=1)
+    _interrupt_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        distill_run(DistillConfig(**common, iters_per_round=5), progress=False)
+    partial = tmp_path / "b" / "round-4to2.partial.pt"
+    saved = partial.read_bytes()
+    _interrupt_after(monkeypatch, 0)
+    with pytest.raises(BundleError, match=r"2 iterations .* iters 5 \(now 9\).*delete the file"):
+        distill_run(DistillConfig(**common, iters_per_round=9), resume=True, progress=False)
+    assert partial.read_bytes() == saved
+    partial.write_bytes(b"not a checkpoint")
+    with pytest.raises(BundleError, match="not a readable partial round"):
+        distill_run(DistillConfig(**common, iters_per_round=5), resume=True, progress=False)
