@@ -16,13 +16,22 @@
 # 5. `halfstep eval` at N = 2,000 (rows are cached: an interrupted eval resumes).
 #
 # Run it at idle priority: `nohup chrt -i 0 scripts/reference_distill.sh > runs/distill.log 2>&1 &`
+# Another teacher run goes through the same steps with its own folders, e.g. TEACHER=runs/t2
+# CURVE=runs/curve-t2 TEACHER_ONLY=runs/teacher-only-t2 BUNDLE=runs/bundle-t2
+# EMBEDDED=runs/embedded-t2 EVAL_OUT=runs/eval-t2; FROM_STEPS=256 skips step 3's choice (and the
+# teacher rows before distilling: the final eval makes them); EMBED_DTYPE=float16 halves the
+# embedded copy (copy-bundle --dtype).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNIST="${HALFSTEP_MNIST_DIR:-$(cd .. && pwd)/shared/data/mnist}"
 HALFSTEP=${HALFSTEP:-.venv/bin/halfstep}
-TEACHER=runs/mnist-teacher
-TEACHER_ONLY=runs/teacher-only
-CURVE=runs/curve
+TEACHER=${TEACHER:-runs/mnist-teacher}
+TEACHER_ONLY=${TEACHER_ONLY:-runs/teacher-only}
+CURVE=${CURVE:-runs/curve}
+EMBEDDED=${EMBEDDED:-runs/mnist-embedded}
+EMBED_DTYPE=${EMBED_DTYPE:-float32}
+EVAL_OUT=${EVAL_OUT:-runs}
+FROM_STEPS=${FROM_STEPS:-}
 # per-round iterations and peak learning rates, by the student's step count (the defaults are
 # the embedded bundle's recipe from 256 steps: 16,100 iterations, about 2 hours of rounds on 2
 # idle CPU cores; the rounds a start does not make are dropped below)
@@ -44,6 +53,8 @@ mkdir -p "$CURVE"
 EVAL_ARGS=(--data "mnist:$MNIST" --teacher-steps "$EVAL_TEACHER_STEPS" --dpm-steps "$EVAL_DPM_STEPS"
   --samples 2000 --fid-ref-samples 2000 --batch-size 64 --cache-dir runs/cache)
 
+from_steps=$FROM_STEPS
+if [ -z "$from_steps" ]; then
 # the teacher alone as a bundle: the same teacher file (and sha256) the distilled bundle gets
 [ -f "$TEACHER_ONLY/bundle.json" ] ||
   "$HALFSTEP" bundle --teacher "$TEACHER" --out "$TEACHER_ONLY" --name mnist
@@ -60,6 +71,7 @@ print(f"teacher DDIM FD by steps: {[(r['steps'], round(r['fd_classifier'], 3)) f
 print(max(fits[0], 2))
 PY
 )
+fi
 BUNDLE=${BUNDLE:-runs/mnist-bundle-$from_steps}
 echo "distilling from $from_steps steps into $BUNDLE"
 # keep the per-round settings of the rounds this start makes (students below from_steps)
@@ -72,9 +84,10 @@ OMP_NUM_THREADS=$DISTILL_THREADS "$HALFSTEP" distill --teacher "$TEACHER" --out 
   --from-steps "$from_steps" --to-steps 1 --batch-size 32 --lr 1e-4 \
   --round-iters "$ROUND_ITERS" --round-lr "$ROUND_LR" "${resume[@]}"
 
-rm -rf runs/mnist-embedded
-"$HALFSTEP" copy-bundle "$BUNDLE" runs/mnist-embedded --students 1,2,4,8,16
-OMP_NUM_THREADS=2 "$HALFSTEP" eval --bundle "$BUNDLE" --steps 1,2,4,8,16 "${EVAL_ARGS[@]}" \
-  --json runs/eval-ref.json --plot runs/quality-ref.png --grids runs/grids-ref
-echo "done: compare runs/eval-ref.json with docs/results/eval.json; if better, replace"
-echo "server/bundles/mnist with runs/mnist-embedded and the docs/results files"
+rm -rf "$EMBEDDED"
+"$HALFSTEP" copy-bundle "$BUNDLE" "$EMBEDDED" --students 1,2,4,8,16 --dtype "$EMBED_DTYPE"
+mkdir -p "$EVAL_OUT"
+OMP_NUM_THREADS=2 "$HALFSTEP" eval --bundle "$EMBEDDED" --steps 1,2,4,8,16 "${EVAL_ARGS[@]}" \
+  --json "$EVAL_OUT/eval-ref.json" --plot "$EVAL_OUT/quality-ref.png" --grids "$EVAL_OUT/grids-ref"
+echo "done: compare $EVAL_OUT/eval-ref.json with docs/results/eval.json; if better, replace"
+echo "server/bundles/mnist with $EMBEDDED and the docs/results files"
