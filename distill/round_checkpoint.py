@@ -48,17 +48,17 @@ class RoundCheckpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
+            saved = state["settings"]
         except Exception as exc:  # torch raises several types for a damaged file
-            raise BundleError(f"{self.path} is not a readable partial round ({exc}); delete it "
-                              "to restart the round") from None
-        saved = state.get("settings", {}) if isinstance(state, dict) else {}
+            raise BundleError(f"{self.path} is not a readable partial round ({exc!r}); delete "
+                              "it to restart the round") from None
         differ = {k: (saved.get(k), self.settings[k]) for k in self.settings
                   if saved.get(k) != self.settings[k]}
         if differ:
             said = ", ".join(f"{k} {a!r} (now {b!r})" for k, a, b in
                              ((k, *v) for k, v in sorted(differ.items())))
             raise BundleError(
-                f"{self.path} holds {state.get('next_iter', '?')} iterations of this round made "
+                f"{self.path} holds {state['next_iter']} iterations of this round made "
                 f"with {said}; resume with the settings it was made with, or delete the file to "
                 "restart the round with the new ones")
         return state

@@ -283,6 +283,10 @@ def test_a_partial_round_made_with_other_settings_is_refused_not_dropped(tmp_pat
     with pytest.raises(BundleError, match=r"2 iterations .* iters 5 \(now 9\).*delete the file"):
         distill_run(DistillConfig(**common, iters_per_round=9), resume=True, progress=False)
     assert partial.read_bytes() == saved
-    partial.write_bytes(b"not a checkpoint")
-    with pytest.raises(BundleError, match="not a readable partial round"):
-        distill_run(DistillConfig(**common, iters_per_round=5), resume=True, progress=False)
+    for damaged in (b"not a checkpoint", None):
+        if damaged is None:
+            torch.save([1, 2], partial)  # a torch file, but not a round's state
+        else:
+            partial.write_bytes(damaged)
+        with pytest.raises(BundleError, match="not a readable partial round"):
+            distill_run(DistillConfig(**common, iters_per_round=5), resume=True, progress=False)
