@@ -34,6 +34,7 @@ from .bundle import (
 )
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser
+from .graceful_stop import Stopped, stop_requested
 from .losses import WeightedXLoss
 from .progress import progress as progress_bar
 from .round_checkpoint import RoundCheckpoint, partial_round_file, round_settings
@@ -256,9 +257,16 @@ def distill_round(
         opt.step()
         losses.append(_global_mean(loss.detach(), world))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if checkpoint and checkpoint.due(k + 1, K):
+        stop = k + 1 < K and stop_requested(device)
+        if checkpoint and (checkpoint.due(k + 1, K) or (stop and checkpoint.write)):
             wall = wall_before + time.perf_counter() - started
             checkpoint.save(student, opt, k + 1, losses, wall, gap_start)
+        if stop:
+            bar.close()
+            where = f"saved in {checkpoint.path}" if checkpoint else "not saved"
+            raise Stopped(f"stopped by SIGTERM after iteration {k + 1} of round "
+                          f"{2 * n_student}->{n_student}, {where}; run the same command with "
+                          "--resume to continue from there")
     student.eval().requires_grad_(False)
     wall = wall_before + time.perf_counter() - started
     metrics = {

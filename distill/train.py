@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from .data import ImageDataset, load_dataset
 from .denoiser import Denoiser, ModelConfig, parameter_count
+from .graceful_stop import Stopped, stop_requested
 from .images import grid_png
 from .io import atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, atomic_write_json
 from .losses import WeightedXLoss
@@ -243,8 +244,15 @@ def train(
             loss_sum, loss_count = 0.0, 0
         if rank == 0 and cfg.snapshot_every and step % cfg.snapshot_every == 0:
             atomic_save_safetensors(ema.unet.state_dict(), out / f"ema-{step:06d}.safetensors")
-        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+        saved = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        if rank == 0 and saved:
             save_checkpoint(out, model, ema, opt, step, cfg)
+        if step < cfg.max_steps and stop_requested(device):
+            if rank == 0 and not saved:
+                save_checkpoint(out, model, ema, opt, step, cfg)
+            bar.close()
+            raise Stopped(f"stopped by SIGTERM after step {step}, saved in {out / CHECKPOINT}; "
+                          "run the same command with --resume to continue from there")
     bar.close()
     return out
 

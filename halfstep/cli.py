@@ -17,6 +17,7 @@ from halfstep.distill.cli_args import (
     student_from_bundle,
 )
 from halfstep.distill.data_args import add_folder_options
+from halfstep.distill.graceful_stop import Stopped, graceful_stop
 
 
 class UsageError(Exception):
@@ -107,7 +108,8 @@ def cmd_train(args) -> int:
     del dataset
     if args.reset_ema and not args.resume:
         raise UsageError("--reset-ema only applies with --resume")
-    out = train(cfg, resume=args.resume, reset_ema=args.reset_ema)
+    with graceful_stop():
+        out = train(cfg, resume=args.resume, reset_ema=args.reset_ema)
     if dist_info()[0] == 0:
         print(f"teacher written to {out}", flush=True)
     return 0
@@ -191,7 +193,8 @@ def cmd_distill(args) -> int:
         probe_size=args.probe_seeds,
         checkpoint_every=args.checkpoint_every,
     )
-    distill_run(cfg, resume=args.resume)
+    with graceful_stop():
+        distill_run(cfg, resume=args.resume)
     return 0
 
 
@@ -367,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("halfstep: interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:  # SIGTERM: the state is saved, --resume continues
+        print(f"halfstep: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         print(f"halfstep: error: {exc}", file=sys.stderr)
         return 2
