@@ -378,11 +378,10 @@ def rounds_to_make(cfg: DistillConfig, done: list[int]) -> list[int]:
 def _teacher_sha256(out: Path, teacher_steps: int) -> str:
     """The sha256 of the network a round copies: the student with `teacher_steps` steps, or
     the bundle's teacher for the first round."""
-    manifest = read_manifest(out)
-    for entry in manifest["students"]:
-        if entry["steps"] == teacher_steps:
-            return entry["sha256"]
-    return manifest["teacher"]["sha256"]
+    bundle = Bundle(out, verify=False)  # the manifest only; the weights were verified at start
+    if teacher_steps in bundle.student_steps:
+        return bundle.weights_sha256("student", teacher_steps)
+    return bundle.weights_sha256("teacher")
 
 
 def _record_resumed_config(out: Path, cfg: DistillConfig) -> str:
