@@ -36,6 +36,15 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
+def train_tiny_teacher(out: Path) -> Path:
+    """A two-step teacher run on synthetic data, in seconds: what `distill --teacher` reads."""
+    from halfstep.distill.train import TrainConfig, train
+
+    train(TrainConfig.from_preset("tiny", "synthetic:32", str(out), (1, 28, 28), 10,
+                                  max_steps=2, batch_size=8), progress=False)
+    return out
+
+
 def tiny_denoiser(seed: int = 0, **overrides) -> Denoiser:
     torch.manual_seed(seed)
     return Denoiser(tiny_config(**overrides)).eval()

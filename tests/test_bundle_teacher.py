@@ -8,16 +8,13 @@ import torch
 from halfstep.cli import main
 from halfstep.distill.bundle import Bundle
 from halfstep.distill.progressive import DistillConfig, distill_run
-from halfstep.distill.train import TrainConfig, load_run, train
+from halfstep.distill.train import load_run
+from tests.conftest import train_tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    cfg = TrainConfig.from_preset("tiny", "synthetic:32", str(out), (1, 28, 28), 10,
-                                  max_steps=2, batch_size=8)
-    train(cfg, progress=False)
-    return out
+    return train_tiny_teacher(tmp_path_factory.mktemp("teacher") / "run")
 
 
 def test_the_teacher_alone_is_a_servable_bundle_with_distills_teacher_file(run_dir, tmp_path,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import train_tiny_teacher
 from tests.test_distill_ddp import _free_port
 
 
@@ -35,35 +36,35 @@ def _terminate_once(proc: subprocess.Popen, appears: Path) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def _stopped_at(proc: subprocess.Popen, appears: Path, report: str) -> int:
+    """SIGTERM a single-process run once `appears` exists; it must exit 143 without a stack
+    trace, saying `report` (a pattern whose group is the step it stopped after): that step."""
+    rc, err = _terminate_once(proc, appears)
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    said = re.search(report, err)
+    assert said and "Traceback" not in err, err[-2000:]
+    return int(said.group(1))
+
+
 def test_sigterm_stops_training_with_a_checkpoint_of_the_last_step(tmp_path):
     out = tmp_path / "teacher"
     proc = _start(["train", "--data", "synthetic:32", "--out", str(out), "--preset", "tiny",
                    "--max-steps", "100000", "--checkpoint-every", "3", "--batch-size", "4"])
-    rc, err = _terminate_once(proc, out / "checkpoint.pt")
-    assert rc == 128 + signal.SIGTERM, err[-2000:]
-    said = re.search(r"stopped by SIGTERM after step (\d+), saved in .*--resume", err)
-    assert said, err[-2000:]
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step"] == int(said.group(1)) >= 3
-    assert "Traceback" not in err
+    step = _stopped_at(proc, out / "checkpoint.pt",
+                       r"stopped by SIGTERM after step (\d+), saved in .*--resume")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step >= 3
 
 
 def test_sigterm_stops_a_distillation_round_with_its_state_saved(tmp_path):
-    from halfstep.distill.train import TrainConfig, train
-
-    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
-                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
-    train(teacher, progress=False)
+    teacher = str(train_tiny_teacher(tmp_path / "teacher"))
     out = tmp_path / "bundle"
-    proc = _start(["distill", "--teacher", teacher.out, "--out", str(out), "--from-steps", "4",
+    proc = _start(["distill", "--teacher", teacher, "--out", str(out), "--from-steps", "4",
                    "--to-steps", "2", "--iters-per-round", "100000", "--checkpoint-every", "2",
                    "--batch-size", "4", "--probe-seeds", "2"])
-    rc, err = _terminate_once(proc, out / "round-4to2.partial.pt")
-    assert rc == 128 + signal.SIGTERM, err[-2000:]
-    said = re.search(r"stopped by SIGTERM after iteration (\d+) of round 4->2, saved in", err)
-    assert said, err[-2000:]
+    done = _stopped_at(proc, out / "round-4to2.partial.pt",
+                       r"stopped by SIGTERM after iteration (\d+) of round 4->2, saved in")
     state = torch.load(out / "round-4to2.partial.pt", weights_only=True)
-    assert state["next_iter"] == int(said.group(1)) >= 2
+    assert state["next_iter"] == done >= 2
     assert len(state["losses"]) == state["next_iter"]
 
 

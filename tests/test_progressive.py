@@ -12,7 +12,7 @@ from halfstep.distill.progressive import (
     probe_gap,
 )
 from halfstep.distill.sampling import ddim_step
-from tests.conftest import tiny_denoiser
+from tests.conftest import tiny_denoiser, train_tiny_teacher
 
 
 def _two_teacher_steps(teacher, z_t, t, labels, n):
@@ -150,12 +150,9 @@ def test_a_resumed_run_records_its_own_settings_beside_the_creating_runs(tmp_pat
     creating run's settings made every student: each student names the config that made it."""
     from halfstep.distill.bundle import Bundle
     from halfstep.distill.progressive import distill_run
-    from halfstep.distill.train import TrainConfig, train
 
-    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
-                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
-    train(teacher, progress=False)
-    common = dict(teacher=teacher.out, out=str(tmp_path / "bundle"), from_steps=4,
+    teacher = str(train_tiny_teacher(tmp_path / "teacher"))
+    common = dict(teacher=teacher, out=str(tmp_path / "bundle"), from_steps=4,
                   iters_per_round=2, batch_size=4, probe_size=2)
     distill_run(DistillConfig(**common, to_steps=2), progress=False)
     resumed = DistillConfig(**common, to_steps=1, round_iters={1: 3}, lr=5e-5)
@@ -180,12 +177,9 @@ def test_resume_continues_after_the_fewest_step_student_and_never_remakes_droppe
     from halfstep.distill.bundle import Bundle, BundleError
     from halfstep.distill.bundle_copy import copy_bundle
     from halfstep.distill.progressive import distill_run
-    from halfstep.distill.train import TrainConfig, train
 
-    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
-                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
-    train(teacher, progress=False)
-    common = dict(teacher=teacher.out, from_steps=8, iters_per_round=1, batch_size=4,
+    teacher = str(train_tiny_teacher(tmp_path / "teacher"))
+    common = dict(teacher=teacher, from_steps=8, iters_per_round=1, batch_size=4,
                   probe_size=2)
     distill_run(DistillConfig(**common, out=str(tmp_path / "full")), progress=False)
     assert Bundle(tmp_path / "full").student_steps == [1, 2, 4]
@@ -234,12 +228,9 @@ def test_an_interrupted_round_continues_from_its_last_save_to_the_same_student(
     --resume (3 iterations run, not 7) and ends with the student of an uninterrupted round."""
     from halfstep.distill.bundle import Bundle
     from halfstep.distill.progressive import distill_run
-    from halfstep.distill.train import TrainConfig, train
 
-    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
-                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
-    train(teacher, progress=False)
-    common = dict(teacher=teacher.out, from_steps=4, to_steps=2, iters_per_round=7,
+    teacher = str(train_tiny_teacher(tmp_path / "teacher"))
+    common = dict(teacher=teacher, from_steps=4, to_steps=2, iters_per_round=7,
                   batch_size=4, probe_size=2, checkpoint_every=2, lr=1e-3)
     distill_run(DistillConfig(**common, out=str(tmp_path / "whole")), progress=False)
 
@@ -267,12 +258,9 @@ def test_an_interrupted_round_continues_from_its_last_save_to_the_same_student(
 def test_a_partial_round_made_with_other_settings_is_refused_not_dropped(tmp_path, monkeypatch):
     from halfstep.distill.bundle import BundleError
     from halfstep.distill.progressive import distill_run
-    from halfstep.distill.train import TrainConfig, train
 
-    teacher = TrainConfig.from_preset("tiny", "synthetic:32", str(tmp_path / "teacher"),
-                                      (1, 28, 28), 10, max_steps=2, batch_size=8)
-    train(teacher, progress=False)
-    common = dict(teacher=teacher.out, out=str(tmp_path / "b"), from_steps=4, to_steps=2,
+    teacher = str(train_tiny_teacher(tmp_path / "teacher"))
+    common = dict(teacher=teacher, out=str(tmp_path / "b"), from_steps=4, to_steps=2,
                   batch_size=4, probe_size=2, checkpoint_every=1)
     _interrupt_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
