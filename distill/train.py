@@ -152,6 +152,44 @@ def check_same_model(run_dir: Path, model: ModelConfig) -> None:
         )
 
 
+# What a run writes before its first checkpoint: `--resume` starts such a folder at step 0.
+BEFORE_FIRST_CHECKPOINT = (CONFIG, LOSS_LOG)
+
+
+def refuse_unknown_folder(run_dir: Path) -> None:
+    """`--resume` without a checkpoint starts the run when `run_dir` is absent, empty or holds
+    only what a run writes before its first checkpoint, so one command serves a Kubernetes
+    Job's first start and its restarts. Other files mean it is not this run's folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--resume: {run_dir} is a file, not a training run folder")
+    others = sorted(
+        p.name for p in (run_dir.iterdir() if run_dir.is_dir() else ())
+        if p.name not in BEFORE_FIRST_CHECKPOINT
+    )
+    if others:
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {run_dir / CHECKPOINT}, and {run_dir} holds other "
+            f"files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): it is not a "
+            "run to continue; pass its own --out, or a new one"
+        )
+
+
+def trim_loss_log(run_dir: Path, step: int) -> None:
+    """Drop the loss lines written after the checkpoint a run resumes from (and a line cut
+    short by a kill), so the continued run does not log those steps twice."""
+    log = run_dir / LOSS_LOG
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write_bytes(log, "".join(kept).encode())
+
+
 def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, Denoiser]:
     """A finished (or checkpointed) run's config and its EMA teacher."""
     run_dir = Path(run_dir)
@@ -192,9 +230,14 @@ def train(
         if reset_ema:  # restart the average from the current weights
             ema.load_state_dict(model.state_dict())
     elif resume:
-        raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}")
+        refuse_unknown_folder(out)
+        check_same_model(out, cfg.model)
+        if rank == 0:
+            print(f"--resume: no checkpoint in {out} yet: starting at step 0")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            trim_loss_log(out, step)
         atomic_write_json(out / CONFIG, cfg.to_dict())
         print(
             f"training {parameter_count(model) / 1e6:.2f} M parameters on {dataset.name} "

@@ -59,7 +59,11 @@ def _add_train(sub) -> None:
         help="also keep the EMA weights every N steps as ema-STEP.safetensors (a quality curve)",
     )
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt; where OUT holds no run yet, start it",
+    )
     p.add_argument(
         "--reset-ema",
         action="store_true",

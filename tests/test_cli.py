@@ -222,6 +222,38 @@ def test_train_widths_and_depth_are_recorded_and_resume_keeps_the_model(tmp_path
     assert json.loads((run / "config.json").read_text())["model"] == model  # nothing rewritten
 
 
+def test_train_resume_starts_a_new_run_but_not_in_a_foreign_folder(tmp_path, capsys):
+    """One command for a Job's first start and its restarts: --resume where OUT does not exist
+    (or holds only what a run writes before its first checkpoint) starts at step 0; a folder
+    with other files and no checkpoint is refused and left as it was."""
+    run = tmp_path / "job"
+    assert main(_train_argv(run, 2, resume=True)) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert (run / "checkpoint.pt").is_file()
+    assert main(_train_argv(run, 3, resume=True)) == 0
+    assert "from step 2" in capsys.readouterr().out
+
+    foreign = tmp_path / "bundle"
+    foreign.mkdir()
+    (foreign / "bundle.json").write_text("{}")
+    assert main(_train_argv(foreign, 2, resume=True)) == 2
+    err = capsys.readouterr().err
+    assert "holds other files (bundle.json)" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in foreign.iterdir()) == ["bundle.json"]
+
+
+def test_resume_drops_the_loss_lines_after_its_checkpoint(tmp_path):
+    from halfstep.distill.train import trim_loss_log
+
+    log = tmp_path / "loss.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (50, 100, 150))
+                   + '{"step": 200, "lo')  # cut short by a kill
+    trim_loss_log(tmp_path, 100)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [50, 100]
+    trim_loss_log(tmp_path, 0)
+    assert log.read_text() == ""
+
+
 def test_train_refuses_bad_widths_and_depth(tmp_path, capsys):
     run = tmp_path / "r"
     with pytest.raises(SystemExit) as exit_info:  # argparse: the usage line, then the error
