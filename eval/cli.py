@@ -69,15 +69,27 @@ def register(subparsers) -> None:
         default=None,
         help="classifier weights (.safetensors): loaded if present, else trained there",
     )
+    _add_classifier_steps(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+    _register_curve(subparsers)
+
+
+def _add_classifier_steps(p) -> None:
     p.add_argument(
         "--classifier-steps",
         type=int,
         default=None,
         help="classifier training steps (default 1200; fewer only for quick checks)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_eval)
-    _register_curve(subparsers)
+
+
+def _classifier_config(args):
+    from .classifier import ClassifierConfig
+
+    if args.classifier_steps is None:
+        return ClassifierConfig()
+    return ClassifierConfig(steps=args.classifier_steps)
 
 
 def _register_curve(subparsers) -> None:
@@ -92,7 +104,10 @@ def _register_curve(subparsers) -> None:
     p.add_argument("--last", action="store_true", help="only each run's newest snapshot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="classifier cache (as for eval)")
-    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--json", default=None,
+                   help="write the rows here, after each one; rows it already holds that "
+                        "measured the same snapshot the same way are not scored again")
+    _add_classifier_steps(p)
     p.set_defaults(func=cmd_curve)
 
 
@@ -100,31 +115,38 @@ def cmd_curve(args) -> int:
     import json
     from pathlib import Path
 
+    from halfstep.distill.io import atomic_write_json
+
     from .curve import teacher_curve
     from .evaluate import default_cache_dir, mnist_dir_from_spec
 
-    rows = teacher_curve(args.run, mnist_dir_from_spec(args.data),
-                         args.cache_dir or default_cache_dir(), args.samples, args.ddim_steps,
-                         args.seed, last=args.last)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-        print(f"wrote {args.json}")
+    out = Path(args.json) if args.json else None
+    done = []
+    if out and out.is_file():
+        try:
+            done = json.loads(out.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{out} is not a curve's JSON ({exc}); pass another --json") from exc
+        if not isinstance(done, list) or not all(isinstance(r, dict) for r in done):
+            raise ValueError(f"{out} is not a curve's JSON (a list of rows); pass another --json")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    teacher_curve(args.run, mnist_dir_from_spec(args.data), args.cache_dir or default_cache_dir(),
+                  args.samples, args.ddim_steps, args.seed, last=args.last,
+                  classifier_config=_classifier_config(args), done=done,
+                  on_row=(lambda rows: atomic_write_json(out, rows)) if out else None)
+    if out:
+        print(f"wrote {out}")
     return 0
 
 
 def cmd_eval(args) -> int:
     import torch
 
-    from .classifier import ClassifierConfig
     from .evaluate import EvalConfig, evaluate
     from .report import check_targets, format_table, format_targets, plot, write_grids, write_json
 
-    clf = (
-        ClassifierConfig()
-        if args.classifier_steps is None
-        else ClassifierConfig(steps=args.classifier_steps)
-    )
+    clf = _classifier_config(args)
     config = EvalConfig(
         bundle=args.bundle,
         data=args.data,

@@ -3,6 +3,8 @@
 `halfstep train --snapshot-every K` keeps `ema-STEP.safetensors`; each is sampled with DDIM on
 the same seeds and balanced labels, and scored by the classifier Frechet distance and label
 accuracy against the MNIST test set, so steps vs quality shows when training has flattened.
+Each row names what it measured (the snapshot's sha256, samples, seed, DDIM steps, classifier),
+so an interrupted curve continues from the rows it finished instead of scoring them again.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from safetensors.torch import load_file
 
 from halfstep.distill.data import load_mnist
 from halfstep.distill.denoiser import Denoiser, ModelConfig
+from halfstep.distill.io import sha256_file
 from halfstep.distill.sampling import ddim_sample, noise_for_seeds
 
 from .classifier import classify, load_or_train
 from .frechet import FeatureStats, frechet_distance
 
 SNAPSHOT = re.compile(r"ema-(\d+)\.safetensors$")
+# The fields that make two rows the same measurement: a finished row is reused only on all.
+MEASURED = ("weights_sha256", "ddim_steps", "samples", "seed", "classifier")
 
 
 def snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -60,14 +65,17 @@ def score_snapshot(config: ModelConfig, weights: Path, classifier, reference: Fe
 
 def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: str | Path,
                   samples: int = 500, steps: int | list[int] = 64, seed: int = 0, log=print,
-                  last: bool = False, classifier_config=None) -> list[dict]:
+                  last: bool = False, classifier_config=None, done: list[dict] = (),
+                  on_row=None) -> list[dict]:
     """One row per (run, snapshot, DDIM steps): step, FD-classifier, label accuracy, seconds to
     score. `steps`: one DDIM step count or several (e.g. to see where the teacher's sampler
-    comes within 2% of its best); `last`: only each run's newest snapshot."""
+    comes within 2% of its best); `last`: only each run's newest snapshot; `done`: rows of an
+    earlier call, reused where they measured the same thing; `on_row(rows)` after each row."""
     grid = [steps] if isinstance(steps, int) else list(steps)
     if samples < 10 or not grid or min(grid) < 1:
         raise ValueError("--samples must be >= 10 and --ddim-steps >= 1")
-    classifier, _ = load_or_train(mnist_dir, cache_dir, classifier_config, progress=False)
+    classifier, info = load_or_train(mnist_dir, cache_dir, classifier_config, progress=False)
+    finished = {_measured(row): row for row in done if all(k in row for k in MEASURED)}
     test = load_mnist(mnist_dir, "test")
     feats, _ = classify(classifier, test.images.float().div(127.5).sub(1.0))
     reference = FeatureStats.from_features(feats.double().numpy())
@@ -79,14 +87,29 @@ def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: 
                 f"no ema-STEP.safetensors in {run}: train with --snapshot-every N"
             )
         for step, path in found[-1:] if last else found:
+            sha256 = sha256_file(path)
             for ddim in grid:
-                started = time.perf_counter()
-                row = {"run": run.name, "step": step, "ddim_steps": ddim,
-                       **score_snapshot(config, path, classifier, reference, samples, ddim,
-                                        seed),
-                       "seconds": round(time.perf_counter() - started, 1)}
+                row = {"run": run.name, "step": step, "ddim_steps": ddim, "samples": samples,
+                       "seed": seed, "weights_sha256": sha256, "classifier": info["key"]}
+                earlier = finished.get(_measured(row))
+                if earlier is None:
+                    started = time.perf_counter()
+                    row.update(score_snapshot(config, path, classifier, reference, samples,
+                                              ddim, seed),
+                               seconds=round(time.perf_counter() - started, 1))
+                else:
+                    row.update({k: earlier[k] for k in SCORES})
                 log(f"{row['run']:<24} step {step:>6}  DDIM {ddim:>4}  FD-classifier "
                     f"{row['fd_classifier']:8.3f}  label acc {row['label_accuracy']:.4f}  "
-                    f"({row['seconds']} s)")
+                    + ("(earlier run)" if earlier else f"({row['seconds']} s)"))
                 rows.append(row)
+                if on_row:
+                    on_row(rows)
     return rows
+
+
+SCORES = ("fd_classifier", "label_accuracy", "seconds")
+
+
+def _measured(row: dict) -> tuple:
+    return tuple(row[k] for k in MEASURED)

@@ -48,7 +48,8 @@ DISTILL_THREADS=${DISTILL_THREADS:-2}
 mkdir -p "$CURVE"
 
 [ -f "$TEACHER/ema.safetensors" ] || { echo "no finished teacher in $TEACHER" >&2; exit 1; }
-[ -f "$CURVE/snapshots.json" ] || "$HALFSTEP" teacher-curve --run "$TEACHER" \
+# (a rerun scores only the snapshots the JSON lacks)
+"$HALFSTEP" teacher-curve --run "$TEACHER" \
   --data "mnist:$MNIST" --samples 500 --ddim-steps 32 --json "$CURVE/snapshots.json"
 EVAL_ARGS=(--data "mnist:$MNIST" --teacher-steps "$EVAL_TEACHER_STEPS" --dpm-steps "$EVAL_DPM_STEPS"
   --samples 2000 --fid-ref-samples 2000 --batch-size 64 --cache-dir runs/cache)

@@ -38,6 +38,36 @@ def test_curve_rows_per_snapshot_and_ddim_steps(run_dir, mnist_dir, tmp_path):
     assert all(0.0 <= r["label_accuracy"] <= 1.0 for r in every)
 
 
+def test_curve_json_continues_from_its_finished_rows(run_dir, mnist_dir, tmp_path, capsys):
+    """--json is written after every row, and a rerun scores only what it lacks: an
+    interrupted curve continues. A row is reused only for the same snapshot bytes and
+    settings: a retrained snapshot under the same name is scored again."""
+    from halfstep.cli import main
+
+    out = tmp_path / "curve" / "snapshots.json"
+    argv = ["teacher-curve", "--run", str(run_dir), "--data", f"mnist:{mnist_dir}",
+            "--samples", "10", "--ddim-steps", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--classifier-steps", "5", "--json", str(out)]
+    assert main(argv) == 0
+    first = json.loads(out.read_text())
+    assert [r["step"] for r in first] == [1000, 2000]
+    first[0]["fd_classifier"] = 123.0  # marks the row: a reused row keeps this value
+    out.write_text(json.dumps(first[:1]))  # as if cut after the first snapshot
+    save_file(tiny_denoiser(7).unet.state_dict(), run_dir / "ema-002000.safetensors")
+    capsys.readouterr()
+    assert main(argv) == 0
+    again = json.loads(out.read_text())
+    assert again[0]["fd_classifier"] == 123.0 and "(earlier run)" in capsys.readouterr().out
+    assert again[1]["weights_sha256"] != first[1]["weights_sha256"]
+    assert again[1]["fd_classifier"] != first[1]["fd_classifier"]  # scored again
+    assert main([*argv[:-4], "--samples", "20", *argv[-4:]]) == 0  # other settings: rescored
+    assert json.loads(out.read_text())[0]["fd_classifier"] != 123.0
+
+    out.write_text("not json")
+    assert main(argv) == 2
+    assert "is not a curve's JSON" in capsys.readouterr().err
+
+
 def test_ddim_steps_option_parses_lists():
     parser = build_parser()
     args = parser.parse_args(["teacher-curve", "--run", "r", "--data", "mnist:d",
