@@ -26,12 +26,16 @@ from .io import atomic_save_safetensors, atomic_torch_save, atomic_write_bytes, 
 from .losses import WeightedXLoss
 from .presets import get_preset
 from .progress import progress as progress_bar
+from .run_folder import (
+    CHECKPOINT,
+    CONFIG,
+    EMA_WEIGHTS,
+    LOSS_LOG,
+    check_same_model,
+    discard_after,
+    refuse_foreign_folder,
+)
 from .sampling import ddim_sample, noise_for_seeds
-
-CHECKPOINT = "checkpoint.pt"
-EMA_WEIGHTS = "ema.safetensors"
-CONFIG = "config.json"
-LOSS_LOG = "loss.jsonl"
 
 
 @dataclass
@@ -134,62 +138,6 @@ def sample_grid(denoiser: Denoiser, steps: int, n: int = 16) -> bytes:
     return grid_png(ddim_sample(denoiser.eval(), noise, labels, steps, denoiser.schedule))
 
 
-def check_same_model(run_dir: Path, model: ModelConfig) -> None:
-    """--resume continues the network the run was started with: another width, depth, norm
-    grouping or parameterization would fail to load, or (GroupNorm groups: same tensor shapes)
-    load silently and train a different model from then on."""
-    if not (run_dir / CONFIG).is_file():
-        return  # a checkpoint without config.json: loading it is the only check left
-    recorded = json.loads((run_dir / CONFIG).read_text()).get("model", {})
-    wanted = model.to_dict()
-    differ = sorted(k for k in wanted if k in recorded and recorded[k] != wanted[k])
-    if differ:
-        changes = "; ".join(f"{k}: {recorded[k]!r} there, {wanted[k]!r} asked" for k in differ)
-        raise ValueError(
-            f"--resume: {run_dir} was trained with another model ({changes}); pass the flags it "
-            "was started with (--preset, --widths, --layers-per-block, --norm-groups, "
-            "--parameterization) or a new --out"
-        )
-
-
-# What a run writes before its first checkpoint: `--resume` starts such a folder at step 0.
-BEFORE_FIRST_CHECKPOINT = (CONFIG, LOSS_LOG)
-
-
-def refuse_unknown_folder(run_dir: Path) -> None:
-    """`--resume` without a checkpoint starts the run when `run_dir` is absent, empty or holds
-    only what a run writes before its first checkpoint, so one command serves a Kubernetes
-    Job's first start and its restarts. Other files mean it is not this run's folder."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"--resume: {run_dir} is a file, not a training run folder")
-    others = sorted(
-        p.name for p in (run_dir.iterdir() if run_dir.is_dir() else ())
-        if p.name not in BEFORE_FIRST_CHECKPOINT
-    )
-    if others:
-        raise FileNotFoundError(
-            f"--resume: no checkpoint at {run_dir / CHECKPOINT}, and {run_dir} holds other "
-            f"files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): it is not a "
-            "run to continue; pass its own --out, or a new one"
-        )
-
-
-def trim_loss_log(run_dir: Path, step: int) -> None:
-    """Drop the loss lines written after the checkpoint a run resumes from (and a line cut
-    short by a kill), so the continued run does not log those steps twice."""
-    log = run_dir / LOSS_LOG
-    if not log.is_file():
-        return
-    kept = []
-    for line in log.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write_bytes(log, "".join(kept).encode())
-
-
 def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, Denoiser]:
     """A finished (or checkpointed) run's config and its EMA teacher."""
     run_dir = Path(run_dir)
@@ -221,7 +169,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step = 0
     if resume and (out / CHECKPOINT).is_file():
-        check_same_model(out, cfg.model)
+        check_same_model(out, cfg.model.to_dict())
         state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -230,14 +178,14 @@ def train(
         if reset_ema:  # restart the average from the current weights
             ema.load_state_dict(model.state_dict())
     elif resume:
-        refuse_unknown_folder(out)
-        check_same_model(out, cfg.model)
+        refuse_foreign_folder(out)
+        check_same_model(out, cfg.model.to_dict())
         if rank == 0:
             print(f"--resume: no checkpoint in {out} yet: starting at step 0")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
-            trim_loss_log(out, step)
+            discard_after(out, step)
         atomic_write_json(out / CONFIG, cfg.to_dict())
         print(
             f"training {parameter_count(model) / 1e6:.2f} M parameters on {dataset.name} "

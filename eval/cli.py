@@ -106,7 +106,8 @@ def _register_curve(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="classifier cache (as for eval)")
     p.add_argument("--json", default=None,
                    help="write the rows here, after each one; rows it already holds that "
-                        "measured the same snapshot the same way are not scored again")
+                        "measured the same snapshot the same way are not scored again; at "
+                        "the end it holds this run's rows")
     _add_classifier_steps(p)
     p.set_defaults(func=cmd_curve)
 
@@ -121,6 +122,8 @@ def cmd_curve(args) -> int:
     from .evaluate import default_cache_dir, mnist_dir_from_spec
 
     out = Path(args.json) if args.json else None
+    if out and out.is_dir():
+        raise ValueError(f"--json {out} is a folder; pass a file path, e.g. {out}/curve.json")
     done = []
     if out and out.is_file():
         try:
@@ -131,11 +134,14 @@ def cmd_curve(args) -> int:
             raise ValueError(f"{out} is not a curve's JSON (a list of rows); pass another --json")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-    teacher_curve(args.run, mnist_dir_from_spec(args.data), args.cache_dir or default_cache_dir(),
-                  args.samples, args.ddim_steps, args.seed, last=args.last,
-                  classifier_config=_classifier_config(args), done=done,
-                  on_row=(lambda rows: atomic_write_json(out, rows)) if out else None)
+    rows = teacher_curve(
+        args.run, mnist_dir_from_spec(args.data), args.cache_dir or default_cache_dir(),
+        args.samples, args.ddim_steps, args.seed, last=args.last,
+        classifier_config=_classifier_config(args), done=done,
+        on_row=(lambda so_far: atomic_write_json(out, so_far)) if out else None,
+    )
     if out:
+        atomic_write_json(out, rows)  # this call's rows: earlier ones it did not measure go
         print(f"wrote {out}")
     return 0
 

@@ -9,9 +9,10 @@ so an interrupted curve continues from the rows it finished instead of scoring t
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,14 +21,17 @@ from safetensors.torch import load_file
 from halfstep.distill.data import load_mnist
 from halfstep.distill.denoiser import Denoiser, ModelConfig
 from halfstep.distill.io import sha256_file
+from halfstep.distill.run_folder import SNAPSHOT
 from halfstep.distill.sampling import ddim_sample, noise_for_seeds
 
 from .classifier import classify, load_or_train
 from .frechet import FeatureStats, frechet_distance
 
-SNAPSHOT = re.compile(r"ema-(\d+)\.safetensors$")
 # The fields that make two rows the same measurement: a finished row is reused only on all.
-MEASURED = ("weights_sha256", "ddim_steps", "samples", "seed", "classifier")
+# Bump VERSION whenever a change to the sampler or the metrics changes the numbers.
+VERSION = 1
+MEASURED = ("version", "weights_sha256", "model", "ddim_steps", "samples", "seed", "classifier")
+SCORES = ("fd_classifier", "label_accuracy", "seconds")
 
 
 def snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -65,23 +69,25 @@ def score_snapshot(config: ModelConfig, weights: Path, classifier, reference: Fe
 
 def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: str | Path,
                   samples: int = 500, steps: int | list[int] = 64, seed: int = 0, log=print,
-                  last: bool = False, classifier_config=None, done: list[dict] = (),
+                  last: bool = False, classifier_config=None, done: Sequence[dict] = (),
                   on_row=None) -> list[dict]:
     """One row per (run, snapshot, DDIM steps): step, FD-classifier, label accuracy, seconds to
     score. `steps`: one DDIM step count or several (e.g. to see where the teacher's sampler
     comes within 2% of its best); `last`: only each run's newest snapshot; `done`: rows of an
-    earlier call, reused where they measured the same thing; `on_row(rows)` after each row."""
+    earlier call, reused where they measured the same thing; `on_row(rows)` after each row,
+    with the rows so far and the earlier ones not (yet) measured again, to save."""
     grid = [steps] if isinstance(steps, int) else list(steps)
     if samples < 10 or not grid or min(grid) < 1:
         raise ValueError("--samples must be >= 10 and --ddim-steps >= 1")
     classifier, info = load_or_train(mnist_dir, cache_dir, classifier_config, progress=False)
-    finished = {_measured(row): row for row in done if all(k in row for k in MEASURED)}
+    finished = {_measured(row): row for row in done if _has_scores(row)}
     test = load_mnist(mnist_dir, "test")
     feats, _ = classify(classifier, test.images.float().div(127.5).sub(1.0))
     reference = FeatureStats.from_features(feats.double().numpy())
     rows = []
     for run in map(Path, run_dirs):
         config, found = _model_config(run), snapshots(run)
+        model_key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
         if not found:
             raise FileNotFoundError(
                 f"no ema-STEP.safetensors in {run}: train with --snapshot-every N"
@@ -90,7 +96,9 @@ def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: 
             sha256 = sha256_file(path)
             for ddim in grid:
                 row = {"run": run.name, "step": step, "ddim_steps": ddim, "samples": samples,
-                       "seed": seed, "weights_sha256": sha256, "classifier": info["key"]}
+                       "seed": seed, "weights_sha256": sha256,
+                       "model": model_key.hexdigest()[:16], "classifier": info["key"],
+                       "version": VERSION}
                 earlier = finished.get(_measured(row))
                 if earlier is None:
                     started = time.perf_counter()
@@ -101,15 +109,18 @@ def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: 
                     row.update({k: earlier[k] for k in SCORES})
                 log(f"{row['run']:<24} step {step:>6}  DDIM {ddim:>4}  FD-classifier "
                     f"{row['fd_classifier']:8.3f}  label acc {row['label_accuracy']:.4f}  "
-                    + ("(earlier run)" if earlier else f"({row['seconds']} s)"))
+                    + ("(earlier run)" if earlier is not None else f"({row['seconds']} s)"))
                 rows.append(row)
                 if on_row:
-                    on_row(rows)
+                    measured = {_measured(r) for r in rows}
+                    on_row(rows + [r for r in done if _measured(r) not in measured])
     return rows
 
 
-SCORES = ("fd_classifier", "label_accuracy", "seconds")
+def _measured(row: dict) -> str:
+    """The row's measurement as one comparable string (a field an older row lacks: null)."""
+    return json.dumps([row.get(k) for k in MEASURED], sort_keys=True, default=str)
 
 
-def _measured(row: dict) -> tuple:
-    return tuple(row[k] for k in MEASURED)
+def _has_scores(row: dict) -> bool:
+    return all(isinstance(row.get(k), (int, float)) for k in SCORES)

@@ -21,10 +21,9 @@ FINAL=runs/mnist-teacher
 
 train() {  # train OUT GROUPS LR MAX_STEPS [extra args]
   local out=$1 groups=$2 lr=$3 steps=$4; shift 4
-  local resume=()
-  [ -f "$out/checkpoint.pt" ] && resume=(--resume)
+  # --resume continues from the checkpoint, or starts where there is none yet
   "$HALFSTEP" train --data "$DATA" --out "$out" --preset mnist --norm-groups "$groups" --lr "$lr" \
-    --max-steps "$steps" "${resume[@]}" "$@"
+    --max-steps "$steps" --resume "$@"
 }
 
 if [ ! -f "$FINAL/checkpoint.pt" ]; then

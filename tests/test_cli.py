@@ -223,9 +223,10 @@ def test_train_widths_and_depth_are_recorded_and_resume_keeps_the_model(tmp_path
 
 
 def test_train_resume_starts_a_new_run_but_not_in_a_foreign_folder(tmp_path, capsys):
-    """One command for a Job's first start and its restarts: --resume where OUT does not exist
-    (or holds only what a run writes before its first checkpoint) starts at step 0; a folder
-    with other files and no checkpoint is refused and left as it was."""
+    """One command for a Job's first start and its restarts: --resume where OUT does not exist,
+    or holds only what a run writes before its first checkpoint completes (here: the EMA of a
+    save cut before its checkpoint, a snapshot, a grid, a temporary file, log lines), starts at
+    step 0 and drops what that start logged; a folder that is not a run's is refused as it is."""
     run = tmp_path / "job"
     assert main(_train_argv(run, 2, resume=True)) == 0
     assert "no checkpoint in" in capsys.readouterr().out
@@ -233,25 +234,44 @@ def test_train_resume_starts_a_new_run_but_not_in_a_foreign_folder(tmp_path, cap
     assert main(_train_argv(run, 3, resume=True)) == 0
     assert "from step 2" in capsys.readouterr().out
 
+    (run / "checkpoint.pt").unlink()  # killed before its first checkpoint completed
+    (run / "ema-000200.safetensors").write_bytes((run / "ema.safetensors").read_bytes())
+    (run / ".checkpoint.pt.x1y2.tmp").write_bytes(b"cut")
+    (run / "loss.jsonl").write_text('{"step": 50, "loss": 0.2}\n{"step": 100, "lo')
+    assert main(_train_argv(run, 2, resume=True)) == 0
+    assert "starting at step 0" in capsys.readouterr().out
+    assert (run / "loss.jsonl").read_text() == ""  # the tiny run logs every 50 steps
+    assert not (run / "ema-000200.safetensors").exists()
+
     foreign = tmp_path / "bundle"
     foreign.mkdir()
     (foreign / "bundle.json").write_text("{}")
-    assert main(_train_argv(foreign, 2, resume=True)) == 2
-    err = capsys.readouterr().err
-    assert "holds other files (bundle.json)" in err and err.count("\n") == 1, err
-    assert sorted(p.name for p in foreign.iterdir()) == ["bundle.json"]
+    not_a_run = tmp_path / "other"
+    not_a_run.mkdir()
+    (not_a_run / "config.json").write_text('["not", "a", "run"]')
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, message in ((foreign, "does not write (bundle.json)"),
+                         (not_a_run, "config.json is not a training run's config"),
+                         (a_file, "is a file, not a training run's folder")):
+        before = sorted(p.name for p in out.iterdir()) if out.is_dir() else a_file.read_text()
+        assert main(_train_argv(out, 2, resume=True)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert before == (sorted(p.name for p in out.iterdir()) if out.is_dir() else "x")
 
 
-def test_resume_drops_the_loss_lines_after_its_checkpoint(tmp_path):
-    from halfstep.distill.train import trim_loss_log
+def test_resume_drops_what_the_run_wrote_after_its_checkpoint(tmp_path):
+    from halfstep.distill.run_folder import discard_after
 
     log = tmp_path / "loss.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (50, 100, 150))
                    + '{"step": 200, "lo')  # cut short by a kill
-    trim_loss_log(tmp_path, 100)
+    for name in ("ema-000100.safetensors", "ema-000150.safetensors", "samples-000150.png"):
+        (tmp_path / name).write_bytes(b"")
+    discard_after(tmp_path, 100)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [50, 100]
-    trim_loss_log(tmp_path, 0)
-    assert log.read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema-000100.safetensors", "loss.jsonl"]
 
 
 def test_train_refuses_bad_widths_and_depth(tmp_path, capsys):

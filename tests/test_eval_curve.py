@@ -68,6 +68,34 @@ def test_curve_json_continues_from_its_finished_rows(run_dir, mnist_dir, tmp_pat
     assert "is not a curve's JSON" in capsys.readouterr().err
 
 
+def test_curve_json_is_saved_after_each_row(run_dir, mnist_dir, tmp_path, monkeypatch):
+    """Cut while scoring the second snapshot, the JSON holds the first one's row and keeps
+    the earlier rows it had not measured again yet."""
+    from halfstep.cli import main
+    from halfstep.eval import curve
+
+    out = tmp_path / "snapshots.json"
+    older = {"run": "run", "step": 9000, "ddim_steps": 32, "fd_classifier": 9.0}  # old format
+    out.write_text(json.dumps([older]))
+    score = curve.score_snapshot
+    calls = []
+
+    def cut_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(curve, "score_snapshot", cut_on_the_second)
+    assert main(["teacher-curve", "--run", str(run_dir), "--data", f"mnist:{mnist_dir}",
+                 "--samples", "10", "--ddim-steps", "1", "--cache-dir", str(tmp_path / "cache"),
+                 "--classifier-steps", "5", "--json", str(out)]) == 130
+    saved = json.loads(out.read_text())
+    assert [r["step"] for r in saved] == [1000, 9000] and saved[1] == older
+    assert main(["teacher-curve", "--run", str(run_dir), "--data", f"mnist:{mnist_dir}",
+                 "--json", str(tmp_path)]) == 2
+
+
 def test_ddim_steps_option_parses_lists():
     parser = build_parser()
     args = parser.parse_args(["teacher-curve", "--run", "r", "--data", "mnist:d",
