@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from halfstep.distill.data import MNIST_FILES, ImageDataset, load_mnist
-from halfstep.distill.io import atomic_save_safetensors, atomic_write_json
+from halfstep.distill.io import atomic_save_safetensors, atomic_write_json, sha256_file
 from halfstep.distill.progress import progress as progress_bar
 
 
@@ -111,7 +111,11 @@ def mnist_id(directory: str | os.PathLike) -> str:
 def load_or_train(mnist_dir: str | os.PathLike, cache_dir: str | os.PathLike,
                   config: ClassifierConfig | None = None, path: str | os.PathLike | None = None,
                   progress: bool = True) -> tuple[SmallCNN, dict]:
-    """The cached classifier (training and caching it first if needed) and its info dict.
+    """The cached classifier (training and caching it first if needed) and its info dict,
+    with the weights' sha256: training is seeded, but CPUs with other vector units round
+    differently over its 1,200 steps, so two machines can train weights whose Frechet
+    distances differ by about 2%. Rows are cached per weights (`scorer_id`); to compare
+    numbers across machines, pass the same weights (`--classifier FILE`).
 
     `path` overrides the cache location (`--classifier PATH`): load it if it exists, else
     train and write it there.
@@ -129,12 +133,19 @@ def load_or_train(mnist_dir: str | os.PathLike, cache_dir: str | os.PathLike,
         if info.get("key") != key:
             raise ValueError(f"{weights} was trained with another config or data ({info_path})")
         model.load_state_dict(load_file(weights))
-        return model.eval().requires_grad_(False), info
+        return model.eval().requires_grad_(False), {**info, "sha256": sha256_file(weights)}
     start = time.perf_counter()
     model = train_classifier(config, load_mnist(mnist_dir, "train"), progress)
     seconds = time.perf_counter() - start
     info = {"key": key, "config": asdict(config), "train_seconds": round(seconds, 1),
             "test_accuracy": accuracy(model, load_mnist(mnist_dir, "test")), "file": str(weights)}
-    atomic_save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    sha256 = atomic_save_safetensors(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, weights
+    )
     atomic_write_json(info_path, info)
-    return model, info
+    return model, {**info, "sha256": sha256}
+
+
+def scorer_id(info: dict) -> str:
+    """What cached scores depend on: the classifier's settings and data (key) and its weights."""
+    return f"{info['key']}-{info['sha256'][:12]}"

@@ -24,7 +24,7 @@ from halfstep.distill.io import sha256_file
 from halfstep.distill.run_folder import SNAPSHOT
 from halfstep.distill.sampling import ddim_sample, noise_for_seeds
 
-from .classifier import classify, load_or_train
+from .classifier import classify, load_or_train, scorer_id
 from .frechet import FeatureStats, frechet_distance
 
 # The fields that make two rows the same measurement: a finished row is reused only on all.
@@ -97,7 +97,7 @@ def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: 
             for ddim in grid:
                 row = {"run": run.name, "step": step, "ddim_steps": ddim, "samples": samples,
                        "seed": seed, "weights_sha256": sha256,
-                       "model": model_key.hexdigest()[:16], "classifier": info["key"],
+                       "model": model_key.hexdigest()[:16], "classifier": scorer_id(info),
                        "version": VERSION}
                 earlier = finished.get(_measured(row))
                 if earlier is None:

@@ -25,7 +25,14 @@ from halfstep.distill.progress import progress as progress_bar
 from halfstep.distill.sample import request_seeds
 from halfstep.distill.sampling import ddim_sample, noise_for_seeds
 
-from .classifier import ClassifierConfig, SmallCNN, classify, load_or_train, mnist_id
+from .classifier import (
+    ClassifierConfig,
+    SmallCNN,
+    classify,
+    load_or_train,
+    mnist_id,
+    scorer_id,
+)
 from .dpm_solver import dpm_solver_sample
 from .fid import InceptionFeatures, inception_path
 from .frechet import FeatureStats, frechet_distance
@@ -274,7 +281,7 @@ def make_scorer(config: EvalConfig, log=print) -> tuple[Scorer, dict]:
                                          config.classifier_config, config.classifier,
                                          config.progress)
     log(f"classifier: test accuracy {clf_info['test_accuracy']:.4f} ({clf_info['file']})")
-    scorer = Scorer(config, classifier, clf_info["key"])
+    scorer = Scorer(config, classifier, scorer_id(clf_info))
     log(f"references ready in {time.perf_counter() - start:.1f} s; {scorer.fid_note}")
     return scorer, clf_info
 
@@ -288,7 +295,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
     n = config.samples
     noise, labels = row_inputs(config, bundle.image_shape)
     rows, grids = [], {}
-    row_cache = RowCache(config, bundle, scorer, clf_info["key"])
+    row_cache = RowCache(config, bundle, scorer, scorer_id(clf_info))
     for method, steps in config.rows():
         cached = row_cache.load(method, steps) if config.resume else None
         if cached is not None:

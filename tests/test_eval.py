@@ -292,6 +292,18 @@ def test_interrupted_eval_resumes_from_finished_rows(tiny_bundle_dir, mnist_dir,
     evaluate(_resume_config(mnist_dir, eval_cache, bundle=str(tiny_bundle_dir),
                             teacher_steps=[2], seed=8), log=lambda *_: None)
     assert sampled == [("student", 1), ("ddim", 2)]
+    # other classifier weights under the same settings (trained on another CPU, say) score
+    # differently: the rows and the reference statistics are not reused
+    from safetensors.torch import load_file, save_file
+
+    weights = next((eval_cache / "classifier").glob("*.safetensors"))
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
+    sampled.clear()
+    moved = evaluate(_resume_config(mnist_dir, eval_cache, bundle=str(tiny_bundle_dir),
+                                    teacher_steps=[2]), log=lambda *_: None)
+    assert sampled == [("student", 1), ("ddim", 2)]
+    assert moved["classifier"]["sha256"] != first["classifier"]["sha256"]
+    assert moved["rows"][0]["fd_classifier"] != first["rows"][0]["fd_classifier"]
 
 
 def test_an_interrupted_row_resumes_after_its_saved_batches(tiny_bundle, tmp_path):
