@@ -20,7 +20,8 @@
 # CURVE=runs/curve-t2 TEACHER_ONLY=runs/teacher-only-t2 BUNDLE=runs/bundle-t2
 # EMBEDDED=runs/embedded-t2 EVAL_OUT=runs/eval-t2; FROM_STEPS=256 skips step 3's choice (and the
 # teacher rows before distilling: the final eval makes them); EMBED_DTYPE=float16 halves the
-# embedded copy (copy-bundle --dtype).
+# embedded copy (copy-bundle --dtype); CLASSIFIER names the eval's classifier weights (default:
+# the results table's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNIST="${HALFSTEP_MNIST_DIR:-$(cd .. && pwd)/shared/data/mnist}"
@@ -45,6 +46,7 @@ EVAL_DPM_STEPS=${EVAL_DPM_STEPS:-4,8,16}
 # threads of the distillation (2: the machine; 1 leaves a core to an eval of the teacher's rows
 # running beside it, which the final eval then takes from its cache)
 DISTILL_THREADS=${DISTILL_THREADS:-2}
+CLASSIFIER=${CLASSIFIER:-docs/results/classifier.safetensors}
 mkdir -p "$CURVE"
 
 [ -f "$TEACHER/ema.safetensors" ] || { echo "no finished teacher in $TEACHER" >&2; exit 1; }
@@ -53,6 +55,9 @@ mkdir -p "$CURVE"
   --data "mnist:$MNIST" --samples 500 --ddim-steps 32 --json "$CURVE/snapshots.json"
 EVAL_ARGS=(--data "mnist:$MNIST" --teacher-steps "$EVAL_TEACHER_STEPS" --dpm-steps "$EVAL_DPM_STEPS"
   --samples 2000 --fid-ref-samples 2000 --batch-size 64 --cache-dir runs/cache)
+# the results table's classifier, so that the numbers compare with docs/results/eval.json on
+# any CPU (one retrained elsewhere rounds differently: about 2% in classifier FD)
+[ -f "$CLASSIFIER" ] && EVAL_ARGS+=(--classifier "$CLASSIFIER")
 
 from_steps=$FROM_STEPS
 if [ -z "$from_steps" ]; then
