@@ -104,6 +104,8 @@ def _register_curve(subparsers) -> None:
     p.add_argument("--last", action="store_true", help="only each run's newest snapshot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="classifier cache (as for eval)")
+    p.add_argument("--classifier", default=None,
+                   help="classifier weights (as for eval): loaded if present, else trained there")
     p.add_argument("--json", default=None,
                    help="write the rows here, after each one; rows it already holds that "
                         "measured the same snapshot the same way are not scored again; at "
@@ -137,7 +139,7 @@ def cmd_curve(args) -> int:
     rows = teacher_curve(
         args.run, mnist_dir_from_spec(args.data), args.cache_dir or default_cache_dir(),
         args.samples, args.ddim_steps, args.seed, last=args.last,
-        classifier_config=_classifier_config(args), done=done,
+        classifier_config=_classifier_config(args), done=done, classifier_path=args.classifier,
         on_row=(lambda so_far: atomic_write_json(out, so_far)) if out else None,
     )
     if out:

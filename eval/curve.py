@@ -70,16 +70,18 @@ def score_snapshot(config: ModelConfig, weights: Path, classifier, reference: Fe
 def teacher_curve(run_dirs: list[str | Path], mnist_dir: str | Path, cache_dir: str | Path,
                   samples: int = 500, steps: int | list[int] = 64, seed: int = 0, log=print,
                   last: bool = False, classifier_config=None, done: Sequence[dict] = (),
-                  on_row=None) -> list[dict]:
+                  on_row=None, classifier_path: str | Path | None = None) -> list[dict]:
     """One row per (run, snapshot, DDIM steps): step, FD-classifier, label accuracy, seconds to
     score. `steps`: one DDIM step count or several (e.g. to see where the teacher's sampler
     comes within 2% of its best); `last`: only each run's newest snapshot; `done`: rows of an
     earlier call, reused where they measured the same thing; `on_row(rows)` after each row,
-    with the rows so far and the earlier ones not (yet) measured again, to save."""
+    with the rows so far and the earlier ones not (yet) measured again, to save;
+    `classifier_path`: classifier weights to score with (as `halfstep eval --classifier`)."""
     grid = [steps] if isinstance(steps, int) else list(steps)
     if samples < 10 or not grid or min(grid) < 1:
         raise ValueError("--samples must be >= 10 and --ddim-steps >= 1")
-    classifier, info = load_or_train(mnist_dir, cache_dir, classifier_config, progress=False)
+    classifier, info = load_or_train(mnist_dir, cache_dir, classifier_config, classifier_path,
+                                     progress=False)
     finished = {_measured(row): row for row in done if _has_scores(row)}
     test = load_mnist(mnist_dir, "test")
     feats, _ = classify(classifier, test.images.float().div(127.5).sub(1.0))

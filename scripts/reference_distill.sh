@@ -50,14 +50,16 @@ CLASSIFIER=${CLASSIFIER:-docs/results/classifier.safetensors}
 mkdir -p "$CURVE"
 
 [ -f "$TEACHER/ema.safetensors" ] || { echo "no finished teacher in $TEACHER" >&2; exit 1; }
+# the results table's classifier, so that the numbers compare with docs/results on any CPU (one
+# retrained elsewhere rounds differently: about 2% in classifier FD)
+CLASSIFIER_ARGS=()
+[ -f "$CLASSIFIER" ] && CLASSIFIER_ARGS=(--classifier "$CLASSIFIER")
 # (a rerun scores only the snapshots the JSON lacks)
-"$HALFSTEP" teacher-curve --run "$TEACHER" \
+"$HALFSTEP" teacher-curve --run "$TEACHER" "${CLASSIFIER_ARGS[@]}" \
   --data "mnist:$MNIST" --samples 500 --ddim-steps 32 --json "$CURVE/snapshots.json"
 EVAL_ARGS=(--data "mnist:$MNIST" --teacher-steps "$EVAL_TEACHER_STEPS" --dpm-steps "$EVAL_DPM_STEPS"
-  --samples 2000 --fid-ref-samples 2000 --batch-size 64 --cache-dir runs/cache)
-# the results table's classifier, so that the numbers compare with docs/results/eval.json on
-# any CPU (one retrained elsewhere rounds differently: about 2% in classifier FD)
-[ -f "$CLASSIFIER" ] && EVAL_ARGS+=(--classifier "$CLASSIFIER")
+  --samples 2000 --fid-ref-samples 2000 --batch-size 64 --cache-dir runs/cache
+  "${CLASSIFIER_ARGS[@]}")
 
 from_steps=$FROM_STEPS
 if [ -z "$from_steps" ]; then

@@ -104,3 +104,21 @@ def test_ddim_steps_option_parses_lists():
     with pytest.raises(SystemExit):
         parser.parse_args(["teacher-curve", "--run", "r", "--data", "mnist:d",
                            "--ddim-steps", "0"])
+
+
+def test_curve_scores_with_the_classifier_it_is_given(run_dir, mnist_dir, tmp_path):
+    """--classifier FILE: trained there when missing, then used as is (the results table's
+    weights on any machine); other weights give other scores under another classifier id."""
+    from safetensors.torch import load_file
+
+    kw = dict(samples=10, steps=1, last=True, log=lambda line: None,
+              classifier_config=ClassifierConfig(steps=5))
+    weights = tmp_path / "table-classifier.safetensors"
+    first = teacher_curve([run_dir], mnist_dir, tmp_path / "cache", classifier_path=weights, **kw)
+    assert weights.is_file() and not (tmp_path / "cache" / "classifier").exists()
+    again = teacher_curve([run_dir], mnist_dir, tmp_path / "cache", classifier_path=weights, **kw)
+    assert again[0]["fd_classifier"] == pytest.approx(first[0]["fd_classifier"])
+    save_file({k: v * 1.5 for k, v in load_file(weights).items()}, weights)
+    other = teacher_curve([run_dir], mnist_dir, tmp_path / "cache", classifier_path=weights, **kw)
+    assert other[0]["classifier"] != first[0]["classifier"]
+    assert other[0]["fd_classifier"] != pytest.approx(first[0]["fd_classifier"])
