@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from .report import find
 
-# what a row's numbers depend on besides the weights (EvalConfig fields)
-SAME_SETTINGS = ("data", "samples", "fid_samples", "fid", "fid_ref_samples", "seed",
-                 "classifier_config")
+# what a row's numbers depend on besides the weights (EvalConfig fields); the data is not a
+# path to compare (it differs between machines) but part of the classifier's key (a hash of
+# the MNIST files) and of the real-data row, which must agree
+SAME_SETTINGS = ("samples", "fid_samples", "fid", "fid_ref_samples", "seed", "classifier_config")
 AGREEMENT = 1e-4  # relative; same classifier weights: ~1e-6; another machine's: ~2e-2
 METRIC_KEYS = ("fd_classifier", "fid", "label_accuracy")
 

@@ -68,6 +68,9 @@ def test_refuses_another_classifier_naming_the_row_that_disagrees():
     later["rows"][0]["fd_classifier"] = 4.031  # another machine's weights: about -0.05%
     with pytest.raises(MergeError, match="real.*fd_classifier.*not the same classifier"):
         replace_rows(_earlier(), later, [("student", 2)], "later.json")
+    moved = _later(config={**CONFIG, "data": "mnist:/elsewhere"})  # the same data, elsewhere
+    merged = replace_rows(_earlier(), moved, [("student", 2)], "later.json")
+    assert merged["rows"][1]["fid"] == 37.52
     later = _later()
     later["rows"][2]["fid"] = 30.5  # an unreplaced student whose weights changed
     with pytest.raises(MergeError, match="student 4 fid"):
