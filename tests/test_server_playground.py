@@ -16,15 +16,17 @@ from .test_server_support import make_app, serving
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="needs headless Chromium: apt-get install -y chromium chromium-driver",
-)
+NO_CHROMIUM = "needs headless Chromium: apt-get install -y chromium chromium-driver"
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason=NO_CHROMIUM)
 
 
 @pytest.fixture
 def browser():
+    """Headless Chromium; skips the test (in any module that uses it) when it is absent."""
     from selenium.webdriver.chrome.service import Service
+
+    if not (CHROMIUM and DRIVER):
+        pytest.skip(NO_CHROMIUM)
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
