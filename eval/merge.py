@@ -77,6 +77,10 @@ def replace_rows(base: dict, new: dict, replaced: list[tuple[str, int | None]],
     """`base` with the named rows taken from `new` (write it with report.write_json, which checks
     the targets again); the replacement and the number of rows that agreed are recorded under
     `replaced_rows`."""
+    for name, results in (("earlier", base), ("later", new)):
+        if not isinstance(results, dict) or not {"config", "classifier", "rows"} <= results.keys():
+            raise MergeError(f"the {name} file is not a `halfstep eval --json` file "
+                             "(it needs config, classifier and rows)")
     for method, steps in replaced:
         if find(new, method, steps) is None:
             raise MergeError(f"the later eval has no {method} {steps or ''} row")

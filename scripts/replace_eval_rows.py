@@ -13,8 +13,9 @@ copy the later eval's PNGs for the replaced step counts.
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from halfstep.eval.merge import MergeError, parse_row_names, replace_rows
+from halfstep.eval.merge import parse_row_names, replace_rows
 from halfstep.eval.report import check_targets, format_table, format_targets, plot, write_json
 
 
@@ -27,10 +28,13 @@ def main() -> int:
     parser.add_argument("--plot", help="also redraw the quality-vs-steps PNG here")
     args = parser.parse_args()
     try:
-        base, new = (json.load(open(path)) for path in (args.earlier, args.later))
+        base, new = (json.loads(Path(path).read_text()) for path in (args.earlier, args.later))
         merged = replace_rows(base, new, parse_row_names(args.rows), args.later)
-    except (OSError, json.JSONDecodeError, KeyError, MergeError) as exc:
+    except (OSError, ValueError) as exc:  # unreadable, not JSON, or MergeError
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError) as exc:  # a row without method, steps or metrics
+        print(f"error: not a `halfstep eval --json` file: bad or missing {exc}", file=sys.stderr)
         return 2
     print(format_table(merged))
     print(format_targets(check_targets(merged)))

@@ -124,3 +124,10 @@ def test_script_writes_the_merged_file_or_refuses_cleanly(tmp_path):
     assert run.returncode == 2 and run.stderr.startswith("error: real")
     assert "Traceback" not in run.stderr
     assert json.loads(earlier.read_text()) == _earlier()
+    for text, message in (("[1, 2]", "not a `halfstep eval --json` file"),
+                          ("{not json", "error: Expecting property name")):
+        later.write_text(text)
+        run = subprocess.run([sys.executable, str(SCRIPT), str(earlier), str(later),
+                              "student:2"], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+    assert json.loads(earlier.read_text()) == _earlier()
