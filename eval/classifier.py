@@ -3,7 +3,10 @@ its predictions the label accuracy of conditional samples.
 
 Trained once on the MNIST training set, deterministically from a seed, and cached in the cache
 directory under a hash of its config and of the training file, as safetensors plus a JSON note
-with its test accuracy.
+with its test accuracy. The default config's weights for the standard MNIST files ship with the
+package (weights/), the classifier of the published results table: CPUs with other vector
+units train slightly other weights from the same seed (about 2% in classifier FD), so a fixed
+file makes the metric the same everywhere, as FID's fixed Inception network does.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from torch.nn import functional as F
 from halfstep.distill.data import MNIST_FILES, ImageDataset, load_mnist
 from halfstep.distill.io import atomic_save_safetensors, atomic_write_json, sha256_file
 from halfstep.distill.progress import progress as progress_bar
+
+PACKAGED = Path(__file__).parent / "weights"  # mnist-cnn-{key}.safetensors + .json
 
 
 @dataclass(frozen=True)
@@ -111,20 +116,24 @@ def mnist_id(directory: str | os.PathLike) -> str:
 def load_or_train(mnist_dir: str | os.PathLike, cache_dir: str | os.PathLike,
                   config: ClassifierConfig | None = None, path: str | os.PathLike | None = None,
                   progress: bool = True) -> tuple[SmallCNN, dict]:
-    """The cached classifier (training and caching it first if needed) and its info dict,
-    with the weights' sha256: training is seeded, but CPUs with other vector units round
-    differently over its 1,200 steps, so two machines can train weights whose Frechet
-    distances differ by about 2%. Rows are cached per weights (`scorer_id`); to compare
-    numbers across machines, pass the same weights (`--classifier FILE`).
+    """The classifier (training and caching it first if needed) and its info dict, with the
+    weights' sha256: training is seeded, but CPUs with other vector units round differently
+    over its 1,200 steps, so two machines can train weights whose Frechet distances differ by
+    about 2%. Rows are cached per weights (`scorer_id`); numbers compare across machines only
+    under the same weights: the packaged ones, or one file passed as `--classifier FILE`.
 
-    `path` overrides the cache location (`--classifier PATH`): load it if it exists, else
-    train and write it there.
+    Where: `path` (`--classifier PATH`) if given: load it if it exists, else train and write
+    it there; else the packaged weights when the settings and MNIST files are those they were
+    trained with (the default config and the standard files); else the cache.
     """
     from safetensors.torch import load_file
 
     config = config or ClassifierConfig()
     key = config.key(mnist_id(mnist_dir))
-    default = Path(cache_dir) / "classifier" / f"mnist-cnn-{key}.safetensors"
+    name = f"mnist-cnn-{key}.safetensors"
+    packaged = PACKAGED / name
+    shipped = packaged.is_file() and packaged.with_suffix(".json").is_file()
+    default = packaged if shipped else Path(cache_dir) / "classifier" / name
     weights = Path(path) if path else default
     info_path = weights.with_suffix(".json")
     model = SmallCNN(config.feature_dim)

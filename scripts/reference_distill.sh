@@ -20,8 +20,8 @@
 # CURVE=runs/curve-t2 TEACHER_ONLY=runs/teacher-only-t2 BUNDLE=runs/bundle-t2
 # EMBEDDED=runs/embedded-t2 EVAL_OUT=runs/eval-t2; FROM_STEPS=256 skips step 3's choice (and the
 # teacher rows before distilling: the final eval makes them); EMBED_DTYPE=float16 halves the
-# embedded copy (copy-bundle --dtype); CLASSIFIER names the eval's classifier weights (default:
-# the results table's).
+# embedded copy (copy-bundle --dtype); CLASSIFIER=FILE scores with other classifier weights
+# (default: the results table's, which ship with halfstep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNIST="${HALFSTEP_MNIST_DIR:-$(cd .. && pwd)/shared/data/mnist}"
@@ -46,14 +46,12 @@ EVAL_DPM_STEPS=${EVAL_DPM_STEPS:-4,8,16}
 # threads of the distillation (2: the machine; 1 leaves a core to an eval of the teacher's rows
 # running beside it, which the final eval then takes from its cache)
 DISTILL_THREADS=${DISTILL_THREADS:-2}
-CLASSIFIER=${CLASSIFIER:-docs/results/classifier.safetensors}
+CLASSIFIER=${CLASSIFIER:-}
 mkdir -p "$CURVE"
 
 [ -f "$TEACHER/ema.safetensors" ] || { echo "no finished teacher in $TEACHER" >&2; exit 1; }
-# the results table's classifier, so that the numbers compare with docs/results on any CPU (one
-# retrained elsewhere rounds differently: about 2% in classifier FD)
 CLASSIFIER_ARGS=()
-[ -f "$CLASSIFIER" ] && CLASSIFIER_ARGS=(--classifier "$CLASSIFIER")
+[ -n "$CLASSIFIER" ] && CLASSIFIER_ARGS=(--classifier "$CLASSIFIER")
 # (a rerun scores only the snapshots the JSON lacks)
 "$HALFSTEP" teacher-curve --run "$TEACHER" "${CLASSIFIER_ARGS[@]}" \
   --data "mnist:$MNIST" --samples 500 --ddim-steps 32 --json "$CURVE/snapshots.json"

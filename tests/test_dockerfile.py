@@ -254,6 +254,17 @@ def test_embedded_bundle_is_package_data() -> None:
     assert any(rel.match(g) for g in globs), f"{rel} is not matched by {globs}"
 
 
+def test_packaged_classifier_is_package_data() -> None:
+    """The eval's default classifier weights ship in the wheel (and the image's build context)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["halfstep.eval"]
+    shipped = sorted((ROOT / "eval" / "weights").iterdir())
+    assert {p.suffix for p in shipped} == {".safetensors", ".json"}
+    for path in shipped:
+        assert any(path.relative_to(ROOT / "eval").match(g) for g in globs), path
+        assert not _dockerignore_excludes(str(path.relative_to(ROOT))), path
+
+
 def test_entrypoint_exists_in_the_package() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     module, _, func = pyproject["project"]["scripts"]["halfstep"].partition(":")

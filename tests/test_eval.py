@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +329,24 @@ def test_an_interrupted_row_resumes_after_its_saved_batches(tiny_bundle, tmp_pat
         again = sample_row(tiny_bundle, "ddim", 2, noise, labels, batch_size=2, progress=False,
                            partial=partial)
         assert torch.allclose(again, full)
+
+
+def test_default_classifier_is_the_packaged_one(mnist_dir, tmp_path):
+    """The default settings on the standard MNIST files load the shipped weights (the results
+    table's), the same bytes on every machine, and write nothing to the cache; other settings
+    train their own into the cache."""
+    from halfstep.distill.io import sha256_file
+    from halfstep.eval.classifier import PACKAGED, load_or_train, mnist_id
+
+    key = ClassifierConfig().key(mnist_id(mnist_dir))
+    shipped = PACKAGED / f"mnist-cnn-{key}.safetensors"
+    if not shipped.is_file():
+        pytest.skip(f"{mnist_dir} is not the standard MNIST the shipped classifier was trained on")
+    _, info = load_or_train(mnist_dir, tmp_path / "cache", progress=False)
+    assert info["sha256"] == sha256_file(shipped) and info["key"] == key
+    assert info["test_accuracy"] > 0.98
+    assert not (tmp_path / "cache").exists()
+    _, other = load_or_train(mnist_dir, tmp_path / "cache", ClassifierConfig(steps=3),
+                             progress=False)
+    assert Path(other["file"]).parent == tmp_path / "cache" / "classifier"
+    assert list(PACKAGED.glob("*.safetensors")) == [shipped]  # nothing written beside it
