@@ -64,18 +64,21 @@ def register(subparsers) -> None:
         default=None,
         help="classifier and reference statistics (default $HALFSTEP_CACHE or ~/.cache/halfstep)",
     )
-    p.add_argument(
-        "--classifier",
-        default=None,
-        help="classifier weights (.safetensors): loaded if present, else trained there",
-    )
-    _add_classifier_steps(p)
+    _add_classifier_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
     _register_curve(subparsers)
 
 
-def _add_classifier_steps(p) -> None:
+def _add_classifier_options(p) -> None:
+    """The classifier flags eval and teacher-curve share."""
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="classifier weights (.safetensors): loaded if present, else trained there "
+             "(default: the shipped weights for the default settings and standard MNIST files, "
+             "else trained once into the cache)",
+    )
     p.add_argument(
         "--classifier-steps",
         type=int,
@@ -104,13 +107,11 @@ def _register_curve(subparsers) -> None:
     p.add_argument("--last", action="store_true", help="only each run's newest snapshot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="classifier cache (as for eval)")
-    p.add_argument("--classifier", default=None,
-                   help="classifier weights (as for eval): loaded if present, else trained there")
     p.add_argument("--json", default=None,
                    help="write the rows here, after each one; rows it already holds that "
                         "measured the same snapshot the same way are not scored again; at "
                         "the end it holds this run's rows")
-    _add_classifier_steps(p)
+    _add_classifier_options(p)
     p.set_defaults(func=cmd_curve)
 
 

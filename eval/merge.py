@@ -12,7 +12,7 @@ whose Frechet distances differ by about 2%; rows scored by the same weights agre
 
 from __future__ import annotations
 
-from .report import find
+from .report import METHOD_NAMES, find
 
 # what a row's numbers depend on besides the weights (EvalConfig fields); the data is not a
 # path to compare (it differs between machines) but part of the classifier's key (a hash of
@@ -31,7 +31,7 @@ def parse_row_names(text: str) -> list[tuple[str, int | None]]:
     names = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         method, _, steps = item.partition(":")
-        if method not in ("real", "student", "ddim", "dpm++") or (method == "real") != (not steps):
+        if method not in METHOD_NAMES or (method == "real") != (not steps):
             raise MergeError(f"bad row {item!r}: use student:N, ddim:N, dpm++:N or real")
         try:
             names.append((method, int(steps) if steps else None))
@@ -58,7 +58,7 @@ def check_same_measurement(base: dict, new: dict, replaced: list[tuple[str, int 
         raise MergeError("the evals used classifiers of different settings or data")
     shared = [r for r in new["rows"] if (r["method"], r["steps"]) not in replaced
               and find(base, r["method"], r["steps"]) is not None]
-    if find(new, "real", None) is None or not any(r["method"] == "real" for r in shared):
+    if not any(r["method"] == "real" for r in shared):
         raise MergeError("both evals need the real-data row (unreplaced) to compare classifiers")
     for row in shared:
         old = find(base, row["method"], row["steps"])
